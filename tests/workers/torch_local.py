@@ -1,0 +1,131 @@
+"""Runs a list of optimizer configs on this rank; config format = tests/reference.py's."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import fixtures  # noqa: E402
+from _common import load_payload, main_guard, save_result  # noqa: E402
+
+
+class Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        init = fixtures.init_params()
+        self.weight = torch.nn.Parameter(torch.tensor(init["weight"], dtype=torch.float64))
+        self.bias = torch.nn.Parameter(torch.tensor(init["bias"], dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def make_schedule(spec: dict):
+    import horovod_local as hl
+
+    kind = spec["kind"]
+    if kind == "constant":
+        return math.inf if spec["period"] == math.inf else spec["period"]
+    if kind == "increasing":
+        return hl.Increasing(spec["initial_period"], spec["factor"], spec["rounds_per_stage"],
+                             spec.get("max_period"))
+    if kind == "adaptive":
+        return hl.Adaptive(spec["initial_period"], spec["sampling_steps"], spec["lower"],
+                           spec["upper"], spec["min_period"], spec.get("max_period"))
+    if kind == "time_budget":
+        return hl.TimeBudget(spec["seconds"])
+    raise ValueError(kind)
+
+
+def make_inner(spec: dict, params):
+    import horovod_local.torch as hlt
+
+    if spec["name"] == "sgd":
+        return torch.optim.SGD(params, lr=spec["lr"], momentum=spec.get("momentum", 0.0))
+    if spec["name"] == "adam":
+        return torch.optim.Adam(params, lr=spec["lr"], betas=tuple(spec["betas"]), eps=spec["eps"])
+    if spec["name"] == "adaalter":
+        return hlt.LocalAdaAlter(params, lr=spec["lr"], eps=spec["eps"],
+                                 initial_accumulator_value=spec["initial_accumulator_value"],
+                                 lr_warmup_steps=spec.get("lr_warmup_steps", 0))
+    raise ValueError(spec["name"])
+
+
+def run_config(cfg: dict) -> dict:
+    import horovod.torch as hvd
+    import horovod_local.torch as hlt
+
+    rank, size = hvd.rank(), hvd.size()
+    model = Linear()
+    inner = make_inner(cfg["inner"], model.parameters())
+    if cfg.get("baseline") == "horovod":
+        opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(),
+                                       op=hvd.Average)
+    else:
+        kw = dict(period=make_schedule(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
+                  state_policy=cfg.get("state_policy", "keep"))
+        alg = cfg.get("algorithm") or {"name": "local_sgd"}
+        if alg["name"] == "slowmo":
+            kw.update(algorithm="slowmo", slowmo_lr=alg["alpha"], slowmo_momentum=alg["beta"])
+        elif alg["name"] == "outer_sgd":
+            kw["outer_optimizer"] = lambda p: torch.optim.SGD(
+                p, lr=alg["lr"], momentum=alg["momentum"], nesterov=alg["nesterov"])
+        opt = hlt.DistributedLocalOptimizer(inner, model.named_parameters(), **kw)
+    lr_fn = cfg["inner"].get("lr_schedule")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn) if lr_fn else None
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+    steps = cfg["steps"] if isinstance(cfg["steps"], int) else cfg["steps"][rank]
+    sleep = cfg.get("sleep_per_step", [0.0] * size)[rank]
+    rounds, sync_steps, periods, losses = [], [], [], []
+    for t in range(1, steps + 1):
+        x, y = (torch.tensor(a) for a in fixtures.make_batch(rank, t))
+        opt.zero_grad()
+        loss = 0.5 * ((model(x) - y) ** 2).sum() / x.shape[0]
+        loss.backward()
+        if sleep:
+            time.sleep(sleep)
+        if hasattr(opt, "sync_stats"):
+            before = opt.sync_stats()
+            period_before = opt.schedule.period
+        opt.step()
+        if sched:
+            sched.step()
+        losses.append(float(loss))
+        if hasattr(opt, "sync_stats") and opt.sync_stats().syncs > before.syncs:
+            rounds.append(before.local_steps + 1)
+            sync_steps.append(t)
+            periods.append(period_before)
+    if hasattr(opt, "sync_stats"):
+        if cfg.get("join"):
+            before = opt.sync_stats()
+            opt.join()
+            extra = opt.sync_stats().syncs - before.syncs
+            rounds += [before.local_steps] + [0] * (extra - 1)
+        elif cfg.get("final_sync"):
+            opt.synchronize()
+    out = {"params": {n: p.detach().numpy().copy() for n, p in model.named_parameters()},
+           "losses": losses, "rounds": rounds, "sync_steps": sync_steps, "periods": periods}
+    if hasattr(opt, "sync_stats"):
+        out["stats"] = opt.sync_stats().as_dict()
+        out["schedule_state"] = opt.schedule.state_dict()
+    return out
+
+
+def main():
+    import horovod.torch as hvd
+
+    out_dir, configs = load_payload()
+    hvd.init()
+    torch.set_default_dtype(torch.float64)
+    results = {cfg["id"]: run_config(cfg) for cfg in configs}
+    save_result(out_dir, hvd.rank(), results)
+
+
+if __name__ == "__main__":
+    main_guard(main)
