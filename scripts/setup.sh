@@ -56,7 +56,13 @@ command -v mpirun >/dev/null || { echo "mpirun not on PATH after installing open
 step "virtual environment at $VENV"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip --disable-pip-version-check -q)
+# pip, minus the machine-config noise about local index folders that lack a package.
+pip_q() {
+  "$PY" -m pip --disable-pip-version-check -q "$@" 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+  return "${PIPESTATUS[0]}"
+}
+PIP=(pip_q)
+export TF_CPP_MIN_LOG_LEVEL=3
 if [ "$(cat "$VENV/.hl-reqs" 2>/dev/null)" != "$STAMP" ]; then
   step "Python packages (torch $TORCH_VERSION CPU, tensorflow-cpu $TF_VERSION, mpi4py, test tools)"
   rm -f "$VENV/.hl-ready"

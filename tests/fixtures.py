@@ -37,3 +37,8 @@ def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray):
     r = x @ params["weight"].T + params["bias"] - y
     loss = 0.5 * float(np.sum(r * r)) / x.shape[0]
     return loss, {"weight": r.T @ x / x.shape[0], "bias": r.sum(axis=0) / x.shape[0]}
+
+
+def step_decay(epoch: int) -> float:
+    """An lr multiplier for LambdaLR tests (picklable, module-level): halves at step 30."""
+    return 1.0 if epoch < 30 else 0.5

@@ -103,10 +103,7 @@ def run_config(cfg: dict) -> dict:
             periods.append(period_before)
     if hasattr(opt, "sync_stats"):
         if cfg.get("join"):
-            before = opt.sync_stats()
-            opt.join()
-            extra = opt.sync_stats().syncs - before.syncs
-            rounds += [before.local_steps] + [0] * (extra - 1)
+            opt.join()  # join rounds are not recorded: the reference replays them itself
         elif cfg.get("final_sync"):
             opt.synchronize()
     out = {"params": {n: p.detach().numpy().copy() for n, p in model.named_parameters()},

@@ -1,0 +1,162 @@
+"""One sync round: pack everything into one buffer per dtype, ONE allreduce each, fused unpack.
+
+The pipeline (``FusedSync.run``) is a sequence of small steps: plan the buckets, pack, allreduce
+(op=Sum), check the control element and finiteness, unpack with the algorithm's math fused in
+(``horovod_local.torch._kernels``: C++/CUDA, or a PyTorch fallback).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from horovod_local.torch import _kernels as K
+
+# Horovod matches collective ops across ranks by name: every round reuses these names, so a
+# rank that is in another kind of round gets a shape-mismatch error instead of a hang.
+_SYNC_NAME = "horovod_local.sync.{}"
+
+# The one extra control element (1.0 if the sending rank has joined) goes into the bucket of the
+# widest dtype, where small integers are exact.
+_CONTROL_PREFERENCE = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+# Control value a warm-up (gradient) round sends, against 0/1 (joined) in a sync round: a sum
+# that is neither n * GRADIENT_ROUND nor < GRADIENT_ROUND means ranks are in different kinds of
+# rounds (a rank joined during warm-up), which must fail rather than average grads with params.
+GRADIENT_ROUND = 1024.0
+
+
+def check_round_kinds(control_sum: float, n: int, gradient_round: bool) -> None:
+    expected_ok = abs(control_sum - n * GRADIENT_ROUND) < 0.5 if gradient_round \
+        else control_sum < GRADIENT_ROUND - 0.5
+    if not expected_ok:
+        raise RuntimeError(
+            "horovod_local: ranks are in different kinds of rounds (some allreduce gradients in "
+            "warm-up, others sync parameters). This happens when a rank calls join() or "
+            "synchronize() while others are still in warm-up, or when ranks were built with "
+            "different warmup_steps. Give every rank the same warmup_steps and call join() only "
+            "after warm-up.")
+
+
+@dataclass
+class Bucket:
+    """The tensors of one dtype that travel in one buffer, by role, in buffer order."""
+
+    dtype: torch.dtype
+    params: list = field(default_factory=list)  # parameters (or gradients in warm-up)
+    names: list = field(default_factory=list)
+    anchors: list = field(default_factory=list)  # SlowMo / outer x0, parallel to params
+    momenta: list = field(default_factory=list)  # SlowMo u
+    grads: list = field(default_factory=list)  # outer-optimizer pseudo-gradients
+    lrs: list = field(default_factory=list)  # per-parameter lr (SlowMo)
+    states: list = field(default_factory=list)  # inner-optimizer state tensors to average
+    accumulators: list = field(default_factory=list)  # AdaAlter A2
+    denominators: list = field(default_factory=list)  # AdaAlter B2
+    has_control: bool = False
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.params + self.states + self.accumulators) + \
+            int(self.has_control)
+
+
+class FusedSync:
+    """Packs, allreduces and unpacks buckets; owns the reusable flat buffers."""
+
+    def __init__(self, process_set) -> None:
+        self.process_set = process_set
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def _buffer(self, dtype: torch.dtype, numel: int, device: torch.device) -> torch.Tensor:
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() != numel or buf.device != device:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[dtype] = buf
+        return buf
+
+    @staticmethod
+    def assign_control(buckets: list[Bucket]) -> None:
+        present = {b.dtype for b in buckets}
+        for dt in _CONTROL_PREFERENCE:
+            if dt in present:
+                next(b for b in buckets if b.dtype == dt).has_control = True
+                return
+        raise TypeError(f"horovod_local syncs floating-point tensors only; got dtypes "
+                        f"{sorted(str(d) for d in present)}")
+
+    def allreduce(self, buckets: list[Bucket], control: float = 0.0) -> tuple[list[torch.Tensor], float, int]:
+        """Pack and sum over ranks. Returns (buffers, summed control, bytes sent)."""
+        import horovod.torch as hvd
+
+        bufs, handles, nbytes = [], [], 0
+        for b in buckets:
+            device = b.params[0].device if b.params else (b.states + b.accumulators)[0].device
+            buf = self._buffer(b.dtype, b.numel(), device)
+            off = 0
+            for group in (b.params, b.states, b.accumulators):
+                K.pack(group, buf, off)
+                off += sum(t.numel() for t in group)
+            if b.has_control:
+                buf[off] = control
+            bufs.append(buf)
+            nbytes += buf.numel() * buf.element_size()
+            handles.append(hvd.allreduce_async_(buf, name=_SYNC_NAME.format(str(b.dtype)[6:]),
+                                                op=hvd.Sum, process_set=self.process_set))
+        for h in handles:
+            hvd.synchronize(h)
+        summed_control = 0.0
+        for b, buf in zip(buckets, bufs):
+            if b.has_control:
+                summed_control = float(buf[-1])
+        return bufs, summed_control, nbytes
+
+    @staticmethod
+    def check_finite(buckets: list[Bucket], bufs: list[torch.Tensor], step: int) -> None:
+        """Raise on a non-finite sum (then some rank sent NaN/Inf): all ranks see the same sum,
+        so all raise together, before anything is written back."""
+        for b, buf in zip(buckets, bufs):
+            if bool(torch.isfinite(buf).all()):
+                continue
+            off = 0
+            for name, t in zip(b.names, b.params):
+                seg = buf[off: off + t.numel()]
+                if not bool(torch.isfinite(seg).all()):
+                    raise FloatingPointError(
+                        f"horovod_local: non-finite values in the sync at step {step}: the sum over "
+                        f"ranks of {name!r} contains NaN/Inf, so at least one rank diverged. "
+                        f"Nothing was written back.")
+                off += t.numel()
+            raise FloatingPointError(
+                f"horovod_local: non-finite values in the sync at step {step} in optimizer state "
+                f"({b.dtype}); at least one rank diverged. Nothing was written back.")
+
+    @staticmethod
+    def unpack_gradients(buckets: list[Bucket], bufs: list[torch.Tensor], n: int) -> None:
+        for b, buf in zip(buckets, bufs):
+            K.unpack_average(buf, b.params, 1.0 / n, 0)
+
+    @staticmethod
+    def unpack(buckets: list[Bucket], bufs: list[torch.Tensor], n: int, algorithm: str,
+               slowmo_lr: float, slowmo_momentum: float) -> float:
+        """Write the round's result back; returns sum ||x_avg - x_i||^2 over parameters."""
+        scale = 1.0 / n
+        deviation = 0.0
+        for b, buf in zip(buckets, bufs):
+            off = 0
+            if algorithm == "local_sgd":
+                deviation += K.unpack_average_deviation(buf, b.params, scale, off)
+            elif algorithm == "slowmo":
+                deviation += K.unpack_slowmo(buf, b.params, b.anchors, b.momenta, scale, b.lrs,
+                                             slowmo_lr, slowmo_momentum, off)
+            elif algorithm == "outer":
+                deviation += K.unpack_pseudo_grad(buf, b.params, b.anchors, b.grads, scale, off)
+            else:  # pragma: no cover - validated at construction
+                raise AssertionError(algorithm)
+            off += sum(t.numel() for t in b.params)
+            if b.states:
+                K.unpack_average(buf, b.states, scale, off)
+                off += sum(t.numel() for t in b.states)
+            if b.accumulators:
+                K.unpack_adaalter(buf, b.accumulators, b.denominators, scale, off)
+        return deviation

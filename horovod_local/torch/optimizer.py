@@ -1,0 +1,430 @@
+"""``DistributedLocalOptimizer``: Horovod's DistributedOptimizer, but local steps + periodic syncs."""
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+
+from horovod_local.schedules import PeriodSchedule, make_schedule
+from horovod_local.stats import SyncStats
+from horovod_local.torch.adaalter import LocalAdaAlter
+from horovod_local.torch.fused_sync import GRADIENT_ROUND, Bucket, FusedSync, check_round_kinds
+
+__all__ = ["DistributedLocalOptimizer"]
+
+STATE_POLICIES = ("keep", "reset", "average")
+ALGORITHMS = ("local_sgd", "slowmo")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class _DistributedLocalOptimizer(torch.optim.Optimizer):
+    """Methods mixed into a run-time subclass of the user's optimizer class (as Horovod does),
+    so ``isinstance``, ``param_groups``, lr schedulers and ``state_dict`` keep working."""
+
+    # ---- construction ---------------------------------------------------------------------
+    def _hl_setup(self, named_parameters, period, warmup_steps, state_policy, algorithm,
+                  slowmo_lr, slowmo_momentum, outer_optimizer, process_set) -> None:
+        import horovod.torch as hvd
+
+        if not hvd.is_initialized():
+            raise RuntimeError("horovod_local: call hvd.init() before DistributedLocalOptimizer")
+        self._hl_process_set = process_set if process_set is not None else hvd.global_process_set
+        if not self._hl_process_set.included():
+            raise ValueError(f"process_set: this rank ({hvd.rank()}) is not a member of "
+                             f"{self._hl_process_set!r}")
+        self._hl_size = self._hl_process_set.size()
+        self._hl_schedule: PeriodSchedule = make_schedule(period)
+        self._hl_warmup_steps = warmup_steps
+        self._hl_state_policy = state_policy
+        self._hl_algorithm = "outer" if outer_optimizer is not None else algorithm
+        self._hl_slowmo_lr = slowmo_lr
+        self._hl_slowmo_momentum = slowmo_momentum
+        self._hl_outer_factory = outer_optimizer
+        self._hl_outer: Optional[torch.optim.Optimizer] = None
+        self._hl_names = _parameter_names(self, named_parameters)
+        self._hl_adaalter = isinstance(self, LocalAdaAlter)
+        if self._hl_adaalter:
+            if state_policy == "reset":
+                raise ValueError("state_policy='reset' does not apply to LocalAdaAlter: its "
+                                 "accumulators are always averaged at syncs (AdaAlter's own "
+                                 "rule); use 'keep'")
+            self._auto_refresh = False  # we refresh B2 at our syncs
+        self._hl_sync = FusedSync(self._hl_process_set)
+        self._hl_anchors: Optional[list[torch.Tensor]] = None  # SlowMo / outer x0
+        self._hl_momenta: Optional[list[torch.Tensor]] = None  # SlowMo u
+        self._hl_stats = SyncStats(period=self._hl_schedule.period)
+        self._hl_round_start: Optional[float] = None
+
+    # ---- what is synced -------------------------------------------------------------------
+    def _hl_params(self) -> list[torch.Tensor]:
+        """Trainable parameters in a rank-independent order (param_groups order)."""
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _hl_lr_of(self) -> dict:
+        return {p: g["lr"] for g in self.param_groups for p in g["params"]}
+
+    def _hl_state_tensors(self, p: torch.Tensor) -> list[torch.Tensor]:
+        """The inner optimizer's floating state of ``p`` that a state policy acts on: tensors of
+        the parameter's shape (momentum, moments), not scalar counters nor AdaAlter's A2/B2."""
+        out = []
+        for key, v in sorted(self.state.get(p, {}).items()):
+            if key in ("accumulator", "denominator") and self._hl_adaalter:
+                continue
+            if torch.is_tensor(v) and v.dtype in _FLOAT_DTYPES and v.shape == p.shape:
+                out.append(v)
+        return out
+
+    def _hl_buckets(self, gradients: bool = False) -> list[Bucket]:
+        params = self._hl_params()
+        buckets: dict[torch.dtype, Bucket] = {}
+        lr_of = self._hl_lr_of()
+
+        def bucket(dtype):
+            if dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"horovod_local syncs floating-point tensors only, got {dtype}")
+            return buckets.setdefault(dtype, Bucket(dtype))
+
+        if gradients:
+            for p in params:
+                if p.grad is None:  # as Horovod: a missing gradient is allreduced as zeros
+                    p.grad = torch.zeros_like(p)
+                if p.grad.is_sparse:
+                    raise ValueError(f"parameter {self._hl_names[p]!r} has a sparse gradient; "
+                                     f"horovod_local supports dense gradients only")
+                b = bucket(p.grad.dtype)
+                b.params.append(p.grad)
+                b.names.append(self._hl_names[p])
+        else:
+            accum = dict(zip(params, self.accumulator_pairs(params))) if self._hl_adaalter else {}
+            for i, p in enumerate(params):
+                b = bucket(p.dtype)
+                b.params.append(p.data)
+                b.names.append(self._hl_names[p])
+                if self._hl_anchors is not None:
+                    b.anchors.append(self._hl_anchors[i])
+                    b.lrs.append(lr_of[p])
+                    if self._hl_momenta is not None:
+                        b.momenta.append(self._hl_momenta[i])
+                    else:
+                        if self._hl_anchors[i].grad is None:
+                            self._hl_anchors[i].grad = torch.zeros_like(self._hl_anchors[i])
+                        b.grads.append(self._hl_anchors[i].grad)
+                if self._hl_state_policy == "average":
+                    for s in self._hl_state_tensors(p):
+                        bucket(s.dtype).states.append(s)
+                if p in accum:
+                    a2, b2 = accum[p]
+                    ab = bucket(a2.dtype)
+                    ab.accumulators.append(a2)
+                    ab.denominators.append(b2)
+        out = list(buckets.values())
+        FusedSync.assign_control(out)
+        return out
+
+    # ---- schedule decisions ---------------------------------------------------------------
+    def _should_allreduce_gradients(self) -> bool:
+        return self._hl_stats.steps < self._hl_warmup_steps
+
+    def _should_sync(self) -> bool:
+        elapsed = time.perf_counter() - self._hl_round_start
+        return self._hl_schedule.should_sync(self._hl_stats.local_steps, elapsed)
+
+    def _needs_anchors(self) -> bool:
+        return self._hl_algorithm in ("slowmo", "outer") and self._hl_anchors is None
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        if self._should_allreduce_gradients():
+            self._hl_allreduce_gradients()
+            loss = super(self.__class__, self).step(closure)
+            self._hl_stats.steps += 1
+            self._hl_stats.warmup_steps_done += 1
+            self._hl_stats.bytes_per_step_allreduce += self._hl_grad_bytes()
+            if self._hl_adaalter:
+                self.refresh_denominators()  # replicas are identical: the local refresh is the sync
+            return loss
+        if self._needs_anchors():
+            self._hl_make_anchors()
+        if self._hl_round_start is None:
+            self._hl_round_start = time.perf_counter()
+        loss = super(self.__class__, self).step(closure)
+        self._hl_stats.steps += 1
+        self._hl_stats.local_steps += 1
+        self._hl_stats.bytes_per_step_allreduce += self._hl_grad_bytes()
+        if self._should_sync():
+            self._hl_sync_round(joined=False)
+        return loss
+
+    def _hl_grad_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self._hl_params())
+
+    @torch.no_grad()
+    def _hl_allreduce_gradients(self) -> None:
+        t0 = time.perf_counter()
+        buckets = self._hl_buckets(gradients=True)
+        bufs, control, nbytes = self._hl_sync.allreduce(buckets, control=GRADIENT_ROUND)
+        check_round_kinds(control, self._hl_size, gradient_round=True)
+        FusedSync.check_finite(buckets, bufs, self._hl_stats.steps + 1)
+        FusedSync.unpack_gradients(buckets, bufs, self._hl_size)
+        self._hl_stats.bytes_sent += nbytes
+        self._hl_stats.sync_seconds += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _hl_make_anchors(self) -> None:
+        params = self._hl_params()
+        # x0 in fp32 (fp64 for fp64 parameters), as SlowMo keeps its slow model.
+        wide = [torch.float64 if p.dtype == torch.float64 else torch.float32 for p in params]
+        self._hl_anchors = [p.detach().to(dt, copy=True) for p, dt in zip(params, wide)]
+        if self._hl_algorithm == "slowmo":
+            self._hl_momenta = [torch.zeros_like(a) for a in self._hl_anchors]
+        else:
+            self._hl_outer = self._hl_outer_factory(self._hl_anchors)
+            if not isinstance(self._hl_outer, torch.optim.Optimizer):
+                raise TypeError(f"outer_optimizer must return a torch.optim.Optimizer over the "
+                                f"anchors it is given, got {type(self._hl_outer).__name__}")
+
+    # ---- the sync round -----------------------------------------------------------------------
+    @torch.no_grad()
+    def _hl_sync_round(self, joined: bool) -> int:
+        """One round; returns how many ranks have joined (summed control element)."""
+        t0 = time.perf_counter()
+        step = self._hl_stats.steps
+        if self._needs_anchors():
+            self._hl_make_anchors()
+        buckets = self._hl_buckets()
+        bufs, n_joined, nbytes = self._hl_sync.allreduce(buckets, control=1.0 if joined else 0.0)
+        check_round_kinds(n_joined, self._hl_size, gradient_round=False)
+        FusedSync.check_finite(buckets, bufs, step)
+        if self._hl_algorithm == "slowmo":
+            for lr in (lr for b in buckets for lr in b.lrs):
+                if not lr > 0:
+                    raise ValueError(f"SlowMo divides the pseudo-gradient by the lr; got lr={lr!r}")
+        deviation = FusedSync.unpack(buckets, bufs, self._hl_size, self._hl_algorithm,
+                                     self._hl_slowmo_lr, self._hl_slowmo_momentum)
+        if self._hl_algorithm == "outer":
+            self._hl_outer.step()
+            for p, a in zip(self._hl_params(), self._hl_anchors):
+                p.copy_(a)
+        if self._hl_state_policy == "reset":
+            for p in self._hl_params():
+                for s in self._hl_state_tensors(p):
+                    s.zero_()
+        if self._hl_adaalter:
+            self.reset_local_steps()
+        if self._hl_schedule.needs_deviation:
+            deviation = self._hl_mean_scalar(deviation)
+            self._hl_stats.last_deviation = deviation
+        self._hl_schedule.on_sync(step=step, lr=self.param_groups[0]["lr"],
+                                  local_steps=self._hl_stats.local_steps,
+                                  deviation=deviation if self._hl_schedule.needs_deviation else None)
+        st = self._hl_stats
+        st.syncs += 1
+        st.local_steps = 0
+        st.period = self._hl_schedule.period
+        st.bytes_sent += nbytes
+        st.sync_seconds += time.perf_counter() - t0
+        self._hl_round_start = time.perf_counter()
+        return int(round(n_joined))
+
+    def _hl_mean_scalar(self, value: float) -> float:
+        import horovod.torch as hvd
+
+        t = torch.tensor([value], dtype=torch.float64)
+        hvd.allreduce_(t, name="horovod_local.deviation", op=hvd.Sum,
+                       process_set=self._hl_process_set)
+        return float(t[0]) / self._hl_size
+
+    # ---- public API ---------------------------------------------------------------------------
+    def synchronize(self) -> None:
+        """Average the model (and synced state) over the ranks now. Collective: every rank of
+        the process set must call it. Used with ``period=math.inf`` and at the end of training.
+
+        Note: unlike ``hvd.DistributedOptimizer.synchronize()`` (which waits for gradient
+        allreduces), this is a parameter sync round.
+        """
+        if self._should_allreduce_gradients():
+            raise RuntimeError("horovod_local: synchronize() during warm-up; replicas are "
+                               "already identical while gradients are allreduced every step")
+        self._hl_sync_round(joined=False)
+
+    def join(self) -> None:
+        """This rank has no more data this epoch: keep serving other ranks' sync rounds until all
+        ranks have joined, then every rank holds the same averaged model. Collective over the
+        epoch: every rank calls it once when its data ends, whatever its step count (time-budget
+        rounds, uneven shards). After it, training can go on (the next epoch)."""
+        while self._hl_sync_round(joined=True) < self._hl_size:
+            pass
+
+    def sync_stats(self) -> SyncStats:
+        """A copy of this rank's sync statistics (syncs, period, bytes, time in sync)."""
+        import copy
+
+        return copy.copy(self._hl_stats)
+
+    @property
+    def schedule(self) -> PeriodSchedule:
+        return self._hl_schedule
+
+    def broadcast_state(self, root_rank: int = 0) -> None:
+        """Make every rank's parameters and full wrapper state (inner optimizer state, counters,
+        schedule, SlowMo/outer state) equal to ``root_rank``'s. Collective."""
+        import horovod.torch as hvd
+
+        state = self.state_dict() if hvd.rank() == root_rank else None
+        state = hvd.broadcast_object(state, root_rank=root_rank, name="horovod_local.state",
+                                     process_set=self._hl_process_set)
+        self.load_state_dict(state)
+        with torch.no_grad():
+            for i, p in enumerate(self._hl_params()):
+                hvd.broadcast_(p.data, root_rank=root_rank, name=f"horovod_local.param.{i}",
+                               process_set=self._hl_process_set)
+
+    def state_dict(self) -> dict:
+        sd = super(self.__class__, self).state_dict()
+        st = self._hl_stats
+        sd["horovod_local"] = {
+            "stats": st.as_dict(),
+            "schedule": self._hl_schedule.state_dict(),
+            "anchors": None if self._hl_anchors is None else [a.clone() for a in self._hl_anchors],
+            "momenta": None if self._hl_momenta is None else [m.clone() for m in self._hl_momenta],
+            "outer": None if self._hl_outer is None else self._hl_outer.state_dict(),
+            "seconds_into_round": (time.perf_counter() - self._hl_round_start)
+            if self._hl_round_start is not None else None,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        ours = state_dict.pop("horovod_local", None)
+        super(self.__class__, self).load_state_dict(state_dict)
+        if ours is None:
+            return
+        st = {k: v for k, v in ours["stats"].items() if k != "communication_ratio"}
+        self._hl_stats = SyncStats(**st)
+        self._hl_schedule.load_state_dict(ours["schedule"])
+        params = self._hl_params()
+        if ours["anchors"] is not None:
+            self._hl_anchors = [a.to(p.device).clone() for a, p in zip(ours["anchors"], params)]
+            if ours["momenta"] is not None:
+                self._hl_momenta = [m.to(p.device).clone() for m, p in zip(ours["momenta"], params)]
+            else:
+                self._hl_outer = self._hl_outer_factory(self._hl_anchors)
+                self._hl_outer.load_state_dict(ours["outer"])
+        if ours["seconds_into_round"] is not None:
+            self._hl_round_start = time.perf_counter() - ours["seconds_into_round"]
+
+
+def _parameter_names(opt: torch.optim.Optimizer, named_parameters) -> dict:
+    """param -> name, validated as Horovod does (names unique, every optimizer param named)."""
+    opt_params = [p for g in opt.param_groups for p in g["params"]]
+    if named_parameters is None:
+        return {p: f"param.{gi}.{pi}" for gi, g in enumerate(opt.param_groups)
+                for pi, p in enumerate(g["params"])}
+    named_parameters = list(named_parameters)
+    if any(not (isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)) for x in
+           named_parameters):
+        raise ValueError("named_parameters should be a sequence of (name, parameter) tuples, "
+                         "usually model.named_parameters()")
+    names = [n for n, _ in named_parameters]
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+        raise ValueError(f"named_parameters contains duplicate names: {dups}")
+    named = {p: n for n, p in named_parameters}
+    opt_set = set(opt_params)
+    stray = [n for n, p in named_parameters if p not in opt_set]
+    if stray:
+        raise ValueError(f"named_parameters contains parameters not in the optimizer: {stray}")
+    unnamed = [i for i, p in enumerate(opt_params) if p not in named]
+    if unnamed:
+        raise ValueError(f"named_parameters was specified, but {len(unnamed)} of the optimizer's "
+                         f"parameters are not named (positions {unnamed[:10]})")
+    return named
+
+
+def DistributedLocalOptimizer(
+    optimizer: torch.optim.Optimizer,
+    named_parameters: Optional[Iterable[tuple[str, torch.Tensor]]] = None,
+    *,
+    period: Union[int, float, PeriodSchedule, None] = 8,
+    warmup_steps: int = 0,
+    state_policy: str = "keep",
+    algorithm: str = "local_sgd",
+    slowmo_lr: float = 1.0,
+    slowmo_momentum: float = 0.5,
+    outer_optimizer: Optional[Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = None,
+    process_set: Any = None,
+) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` for local SGD: local steps, and a parameter average every ``period``.
+
+    A drop-in for ``hvd.DistributedOptimizer``: the same ``zero_grad() / backward() / step()``
+    loop; the returned object is an instance of the optimizer's own class (``isinstance``,
+    ``param_groups``, lr schedulers and ``state_dict`` keep working). Each sync averages the
+    parameters (and any state the algorithm needs) in one allreduce per dtype.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (the inner optimizer); its state is kept.
+        named_parameters: ``model.named_parameters()``; names appear in error messages.
+            Validated as Horovod does.
+        period: local steps between syncs (int >= 1), ``math.inf`` for no automatic sync
+            (call :meth:`synchronize`), or a schedule: ``Constant``, ``Increasing``,
+            ``Adaptive`` (ADPSGD), ``TimeBudget``, ``Never`` from :mod:`horovod_local`.
+        warmup_steps: steps at the start that allreduce gradients every step, exactly like
+            ``hvd.DistributedOptimizer`` (post-local SGD).
+        state_policy: what happens to the inner optimizer's state (momentum, Adam moments) at a
+            sync: ``'keep'`` (default), ``'reset'`` (zeroed) or ``'average'`` (averaged in the
+            same buffer).
+        algorithm: ``'local_sgd'`` (model averaging) or ``'slowmo'`` (slow momentum on top).
+        slowmo_lr, slowmo_momentum: SlowMo's alpha and beta (paper: 1.0 and 0.4-0.8).
+        outer_optimizer: ``factory(anchors) -> torch.optim.Optimizer``, applied at each sync to
+            the pseudo-gradient ``x0 - x_avg`` (DiLoCo: ``lambda p: torch.optim.SGD(p, lr=0.7,
+            momentum=0.9, nesterov=True)``). Replaces ``algorithm``.
+        process_set: a Horovod process set (default: all ranks).
+
+    Example::
+
+        import horovod.torch as hvd, torch, horovod_local.torch as hl
+        hvd.init()
+        model = torch.nn.Linear(10, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1 * hvd.size(), momentum=0.9)
+        opt = hl.DistributedLocalOptimizer(opt, model.named_parameters(), period=8,
+                                           warmup_steps=100)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        for x, y in loader:
+            opt.zero_grad(); torch.nn.functional.mse_loss(model(x), y).backward(); opt.step()
+        opt.synchronize()   # every rank ends with the same model
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if "_hl_process_set" in optimizer.__dict__:
+        raise ValueError("optimizer is already a DistributedLocalOptimizer")
+    make_schedule(period)  # validates
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) \
+            or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    if state_policy not in STATE_POLICIES:
+        raise ValueError(f"state_policy must be one of {STATE_POLICIES}, got {state_policy!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    for name, v in (("slowmo_lr", slowmo_lr), ("slowmo_momentum", slowmo_momentum)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if not slowmo_lr > 0:
+        raise ValueError(f"slowmo_lr must be > 0, got {slowmo_lr!r}")
+    if not 0 <= slowmo_momentum < 1:
+        raise ValueError(f"slowmo_momentum must be in [0, 1), got {slowmo_momentum!r}")
+    if outer_optimizer is not None and not callable(outer_optimizer):
+        raise ValueError("outer_optimizer must be a callable anchors -> torch.optim.Optimizer")
+    if outer_optimizer is not None and algorithm != "local_sgd":
+        raise ValueError("pass either algorithm='slowmo' or outer_optimizer, not both")
+
+    members = {k: v for k, v in _DistributedLocalOptimizer.__dict__.items()
+               if k not in ("__dict__", "__weakref__")}
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), members)
+    wrapped = cls.__new__(cls)
+    wrapped.__dict__.update(optimizer.__dict__)  # same param_groups, state and hooks
+    wrapped._hl_setup(named_parameters, period, int(warmup_steps), state_policy, algorithm,
+                      float(slowmo_lr), float(slowmo_momentum), outer_optimizer, process_set)
+    return wrapped
