@@ -57,6 +57,42 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         self._hl_momenta: Optional[list[torch.Tensor]] = None  # SlowMo u
         self._hl_stats = SyncStats(period=self._hl_schedule.period)
         self._hl_round_start: Optional[float] = None
+        self._hl_check_replicas()
+
+    def _hl_fingerprint(self) -> list:
+        """What every rank must agree on: synced tensors and the sync configuration."""
+        fp = [("config", "schedule", self._hl_schedule.describe()),
+              ("config", "warmup_steps", self._hl_warmup_steps),
+              ("config", "state_policy", self._hl_state_policy),
+              ("config", "algorithm", self._hl_algorithm),
+              ("config", "slowmo", (self._hl_slowmo_lr, self._hl_slowmo_momentum)),
+              ("config", "inner optimizer", type(self).__name__),
+              ("config", "number of synced parameters", len(self._hl_params()))]
+        fp += [("parameter", self._hl_names[p], (tuple(p.shape), str(p.dtype)))
+               for p in self._hl_params()]
+        return fp
+
+    def _hl_check_replicas(self) -> None:
+        """Fail on every rank, naming the first difference, if ranks were built differently
+        (instead of a hang or a silent average of unrelated tensors at the first sync)."""
+        import horovod.torch as hvd
+
+        if self._hl_size == 1:
+            return
+        mine = self._hl_fingerprint()
+        everyone = _allgather_object(mine, "horovod_local.fingerprint", self._hl_process_set)
+        ref = everyone[0]
+        for r, theirs in enumerate(everyone[1:], start=1):
+            for a, b in zip(ref, theirs):
+                if a != b:
+                    raise ValueError(
+                        f"horovod_local: ranks disagree on {a[0]} {a[1]!r}: rank 0 has {a[2]!r}, "
+                        f"rank {r} has {b[0]} {b[1]!r} = {b[2]!r}. Every rank must build the same "
+                        f"model (same names, shapes, dtypes, order) and the same "
+                        f"DistributedLocalOptimizer arguments.")
+            if len(ref) != len(theirs):
+                raise ValueError(f"horovod_local: rank 0 syncs {len(ref) - 7} parameters, rank {r} "
+                                 f"syncs {len(theirs) - 7}")
 
     # ---- what is synced -------------------------------------------------------------------
     def _hl_params(self) -> list[torch.Tensor]:
@@ -315,6 +351,23 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
                 self._hl_outer.load_state_dict(ours["outer"])
         if ours["seconds_into_round"] is not None:
             self._hl_round_start = time.perf_counter() - ours["seconds_into_round"]
+
+
+def _allgather_object(obj: Any, name: str, process_set) -> list:
+    """``hvd.allgather_object`` within a process set (Horovod 0.28's takes none)."""
+    import pickle
+
+    import horovod.torch as hvd
+
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    sizes = hvd.allgather(torch.tensor([data.numel()]), name=name + ".sizes",
+                          process_set=process_set)
+    blob = hvd.allgather(data, name=name, process_set=process_set)
+    out, off = [], 0
+    for n in sizes.tolist():
+        out.append(pickle.loads(blob[off: off + n].numpy().tobytes()))
+        off += n
+    return out
 
 
 def _parameter_names(opt: torch.optim.Optimizer, named_parameters) -> dict:
