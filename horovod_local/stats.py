@@ -22,6 +22,7 @@ class SyncStats:
         sync_seconds: wall time spent in sync rounds and warm-up allreduces (pack, allreduce,
             unpack).
         last_deviation: the ADPSGD statistic S of the last round (``nan`` if not measured).
+        skipped_rounds: rounds dropped because some rank sent NaN/Inf (``nonfinite='skip'``).
     """
 
     steps: int = 0
@@ -33,6 +34,7 @@ class SyncStats:
     bytes_per_step_allreduce: int = 0
     sync_seconds: float = 0.0
     last_deviation: float = float("nan")
+    skipped_rounds: int = 0
 
     @property
     def communication_ratio(self) -> float:

@@ -42,7 +42,7 @@ def _wrap(model=None, **kw):
     (dict(state_policy="zero"), "state_policy"), (dict(algorithm="diloco"), "algorithm"),
     (dict(slowmo_lr=0.0), "slowmo_lr"), (dict(slowmo_momentum=1.0), "slowmo_momentum"),
     (dict(slowmo_lr=float("nan")), "slowmo_lr"),
-    (dict(outer_optimizer=3), "outer_optimizer"),
+    (dict(outer_optimizer=3), "outer_optimizer"), (dict(nonfinite="ignore"), "nonfinite"),
     (dict(algorithm="slowmo", outer_optimizer=lambda p: torch.optim.SGD(p, lr=1)), "either"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kw, needle):

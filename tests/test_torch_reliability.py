@@ -52,6 +52,17 @@ def test_nan_at_sync_raises_everywhere_and_writes_nothing(n, controller):
 
 
 @pytest.mark.parametrize("n,controller", JOBS)
+def test_nonfinite_skip_restores_last_good_average_and_continues(n, controller):
+    ranks = job(n, controller)
+    for res in ranks:
+        assert res["skip_restored"] and res["skip_warned"]
+        assert res["skip_stats"]["skipped_rounds"] == 1 and res["skip_stats"]["syncs"] == 2
+        for name, v in res["skip_after"].items():
+            assert np.isfinite(v).all()
+            np.testing.assert_array_equal(v, ranks[0]["skip_after"][name])
+
+
+@pytest.mark.parametrize("n,controller", JOBS)
 @pytest.mark.parametrize("cfg", RESUME, ids=[c["id"] for c in RESUME])
 def test_resume_mid_round_is_bit_identical(n, controller, cfg):
     for r, res in enumerate(job(n, controller)):

@@ -26,7 +26,8 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
 
     # ---- construction ---------------------------------------------------------------------
     def _hl_setup(self, named_parameters, period, warmup_steps, state_policy, algorithm,
-                  slowmo_lr, slowmo_momentum, outer_optimizer, process_set) -> None:
+                  slowmo_lr, slowmo_momentum, outer_optimizer, process_set,
+                  nonfinite="raise") -> None:
         import horovod.torch as hvd
 
         if not hvd.is_initialized():
@@ -57,6 +58,8 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         self._hl_momenta: Optional[list[torch.Tensor]] = None  # SlowMo u
         self._hl_stats = SyncStats(period=self._hl_schedule.period)
         self._hl_round_start: Optional[float] = None
+        self._hl_nonfinite = nonfinite
+        self._hl_last_good: Optional[list[torch.Tensor]] = None  # nonfinite='skip' only
         self._hl_check_replicas()
 
     def _hl_fingerprint(self) -> list:
@@ -67,6 +70,7 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
               ("config", "algorithm", self._hl_algorithm),
               ("config", "slowmo", (self._hl_slowmo_lr, self._hl_slowmo_momentum)),
               ("config", "inner optimizer", type(self).__name__),
+              ("config", "nonfinite", self._hl_nonfinite),
               ("config", "number of synced parameters", len(self._hl_params()))]
         fp += [("parameter", self._hl_names[p], (tuple(p.shape), str(p.dtype)))
                for p in self._hl_params()]
@@ -174,8 +178,10 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
     # ---- the step ---------------------------------------------------------------------------
     def step(self, closure: Optional[Callable[[], float]] = None):
         if self._should_allreduce_gradients():
-            self._hl_allreduce_gradients()
-            loss = super(self.__class__, self).step(closure)
+            if self._hl_allreduce_gradients():
+                loss = super(self.__class__, self).step(closure)
+            else:  # nonfinite='skip': a rank sent NaN/Inf gradients; nobody takes this step
+                loss = None
             self._hl_stats.steps += 1
             self._hl_stats.warmup_steps_done += 1
             self._hl_stats.bytes_per_step_allreduce += self._hl_grad_bytes()
@@ -186,6 +192,7 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             self._hl_make_anchors()
         if self._hl_round_start is None:
             self._hl_round_start = time.perf_counter()
+            self._hl_remember_good()
         loss = super(self.__class__, self).step(closure)
         self._hl_stats.steps += 1
         self._hl_stats.local_steps += 1
@@ -198,15 +205,56 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         return sum(p.numel() * p.element_size() for p in self._hl_params())
 
     @torch.no_grad()
-    def _hl_allreduce_gradients(self) -> None:
+    def _hl_allreduce_gradients(self) -> bool:
+        """Average the gradients; False if the round was skipped (non-finite, policy 'skip')."""
         t0 = time.perf_counter()
         buckets = self._hl_buckets(gradients=True)
         bufs, control, nbytes = self._hl_sync.allreduce(buckets, control=GRADIENT_ROUND)
-        check_round_kinds(control, self._hl_size, gradient_round=True)
-        FusedSync.check_finite(buckets, bufs, self._hl_stats.steps + 1)
-        FusedSync.unpack_gradients(buckets, bufs, self._hl_size)
         self._hl_stats.bytes_sent += nbytes
+        check_round_kinds(control, self._hl_size, gradient_round=True)
+        if not self._hl_finite_or_skip(buckets, bufs, self._hl_stats.steps + 1):
+            return False
+        FusedSync.unpack_gradients(buckets, bufs, self._hl_size)
         self._hl_stats.sync_seconds += time.perf_counter() - t0
+        return True
+
+    def _hl_finite_or_skip(self, buckets, bufs, step: int) -> bool:
+        """True if the summed buffers are finite. Otherwise raise (nonfinite='raise') or warn and
+        return False ('skip'). Every rank sees the same sum, so every rank decides the same."""
+        try:
+            FusedSync.check_finite(buckets, bufs, step)
+            return True
+        except FloatingPointError as err:
+            if self._hl_nonfinite == "raise":
+                raise
+            import warnings
+
+            warnings.warn(f"{err} Skipping this round (nonfinite='skip'): the model goes back to "
+                          f"the last good average.", RuntimeWarning, stacklevel=4)
+            self._hl_stats.skipped_rounds += 1
+            return False
+
+    @torch.no_grad()
+    def _hl_remember_good(self) -> None:
+        if self._hl_nonfinite == "skip":
+            params = self._hl_params()
+            if self._hl_last_good is None:
+                self._hl_last_good = [p.detach().clone() for p in params]
+            else:
+                for g, p in zip(self._hl_last_good, params):
+                    g.copy_(p)
+
+    @torch.no_grad()
+    def _hl_restore_good(self) -> None:
+        """After a skipped round: the last good average, and no state that may hold the NaN."""
+        for p, g in zip(self._hl_params(), self._hl_last_good):
+            p.copy_(g)
+            for s in self._hl_state_tensors(p):
+                s.zero_()
+        if self._hl_adaalter:
+            for a2, b2 in self.accumulator_pairs(self._hl_params()):
+                a2.copy_(b2)  # B2 is the last shared (good) denominator
+            self.reset_local_steps()
 
     @torch.no_grad()
     def _hl_make_anchors(self) -> None:
@@ -230,10 +278,17 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         step = self._hl_stats.steps
         if self._needs_anchors():
             self._hl_make_anchors()
+        if self._hl_last_good is None:
+            self._hl_remember_good()  # synchronize() before any local step
         buckets = self._hl_buckets()
         bufs, n_joined, nbytes = self._hl_sync.allreduce(buckets, control=1.0 if joined else 0.0)
         check_round_kinds(n_joined, self._hl_size, gradient_round=False)
-        FusedSync.check_finite(buckets, bufs, step)
+        if not self._hl_finite_or_skip(buckets, bufs, step):
+            self._hl_restore_good()
+            self._hl_stats.local_steps = 0
+            self._hl_stats.bytes_sent += nbytes
+            self._hl_round_start = time.perf_counter()
+            return int(round(n_joined))
         if self._hl_algorithm == "slowmo":
             for lr in (lr for b in buckets for lr in b.lrs):
                 if not lr > 0:
@@ -263,6 +318,7 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         st.bytes_sent += nbytes
         st.sync_seconds += time.perf_counter() - t0
         self._hl_round_start = time.perf_counter()
+        self._hl_remember_good()
         return int(round(n_joined))
 
     def _hl_mean_scalar(self, value: float) -> float:
@@ -327,6 +383,8 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             "anchors": None if self._hl_anchors is None else [a.clone() for a in self._hl_anchors],
             "momenta": None if self._hl_momenta is None else [m.clone() for m in self._hl_momenta],
             "outer": None if self._hl_outer is None else self._hl_outer.state_dict(),
+            "last_good": None if self._hl_last_good is None
+            else [g.clone() for g in self._hl_last_good],
             "seconds_into_round": (time.perf_counter() - self._hl_round_start)
             if self._hl_round_start is not None else None,
         }
@@ -349,6 +407,8 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             else:
                 self._hl_outer = self._hl_outer_factory(self._hl_anchors)
                 self._hl_outer.load_state_dict(ours["outer"])
+        if ours.get("last_good") is not None:
+            self._hl_last_good = [g.to(p.device).clone() for g, p in zip(ours["last_good"], params)]
         if ours["seconds_into_round"] is not None:
             self._hl_round_start = time.perf_counter() - ours["seconds_into_round"]
 
@@ -409,6 +469,7 @@ def DistributedLocalOptimizer(
     slowmo_momentum: float = 0.5,
     outer_optimizer: Optional[Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = None,
     process_set: Any = None,
+    nonfinite: str = "raise",
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` for local SGD: local steps, and a parameter average every ``period``.
 
@@ -435,6 +496,10 @@ def DistributedLocalOptimizer(
             the pseudo-gradient ``x0 - x_avg`` (DiLoCo: ``lambda p: torch.optim.SGD(p, lr=0.7,
             momentum=0.9, nesterov=True)``). Replaces ``algorithm``.
         process_set: a Horovod process set (default: all ranks).
+        nonfinite: what a sync does when some rank sends NaN/Inf: ``'raise'`` (default;
+            ``FloatingPointError`` on every rank naming the step and tensor, nothing written
+            back) or ``'skip'`` (warn, and every rank returns to the last good average; costs a
+            copy of the parameters).
 
     Example::
 
@@ -470,6 +535,8 @@ def DistributedLocalOptimizer(
         raise ValueError(f"slowmo_momentum must be in [0, 1), got {slowmo_momentum!r}")
     if outer_optimizer is not None and not callable(outer_optimizer):
         raise ValueError("outer_optimizer must be a callable anchors -> torch.optim.Optimizer")
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     if outer_optimizer is not None and algorithm != "local_sgd":
         raise ValueError("pass either algorithm='slowmo' or outer_optimizer, not both")
 
@@ -479,5 +546,6 @@ def DistributedLocalOptimizer(
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)  # same param_groups, state and hooks
     wrapped._hl_setup(named_parameters, period, int(warmup_steps), state_policy, algorithm,
-                      float(slowmo_lr), float(slowmo_momentum), outer_optimizer, process_set)
+                      float(slowmo_lr), float(slowmo_momentum), outer_optimizer, process_set,
+                      nonfinite)
     return wrapped

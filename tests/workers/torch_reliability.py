@@ -20,7 +20,7 @@ def build(cfg: dict):
     model = Linear()
     inner = make_inner(cfg["inner"], model.parameters())
     kw = dict(period=make_schedule(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
-              state_policy=cfg.get("state_policy", "keep"))
+              state_policy=cfg.get("state_policy", "keep"), nonfinite=cfg.get("nonfinite", "raise"))
     alg = cfg.get("algorithm") or {"name": "local_sgd"}
     if alg["name"] == "slowmo":
         kw.update(algorithm="slowmo", slowmo_lr=alg["alpha"], slowmo_momentum=alg["beta"])
@@ -101,6 +101,22 @@ def main():
     # the healthy ranks never received the NaN (the sum was not written back)
     res["nan_kept_out"] = rank == 1 or all(bool(torch.isfinite(p).all())
                                            for p in model.parameters())
+
+    # 2b. nonfinite='skip': the round is dropped, every rank returns to the last good average
+    # (the sync after step 4) and training goes on; the next rounds are finite again
+    import warnings
+
+    model, opt = build(dict(base, nonfinite="skip"))
+    train(model, opt, rank, 1, 4)
+    good = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, opt, rank, 5, 8, nan_at=7 if rank == 1 else None)
+    res["skip_restored"] = all(bool(torch.equal(good[n], p)) for n, p in model.named_parameters())
+    res["skip_warned"] = any("Skipping this round" in str(w.message) for w in caught)
+    train(model, opt, rank, 9, 12)
+    res["skip_after"] = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    res["skip_stats"] = opt.sync_stats().as_dict()
 
     # 3. exact resume mid-round, every algorithm
     for cfg in payload["resume"]:
