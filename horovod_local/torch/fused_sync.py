@@ -6,6 +6,7 @@ The pipeline (``FusedSync.run``) is a sequence of small steps: plan the buckets,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -116,6 +117,12 @@ class FusedSync:
         """Raise on a non-finite sum (then some rank sent NaN/Inf): all ranks see the same sum,
         so all raise together, before anything is written back."""
         for b, buf in zip(buckets, bufs):
+            # A sum is non-finite if any element is (NaN, Inf, or Inf - Inf = NaN), so one
+            # read pass proves the common case; the per-tensor search runs only if it fails
+            # (or on overflow of a finite sum, where it then finds nothing and we go on).
+            if math.isfinite(float(buf.sum(dtype=torch.float64 if buf.dtype == torch.float64
+                                           else torch.float32))):
+                continue
             if bool(torch.isfinite(buf).all()):
                 continue
             off = 0
@@ -138,14 +145,17 @@ class FusedSync:
 
     @staticmethod
     def unpack(buckets: list[Bucket], bufs: list[torch.Tensor], n: int, algorithm: str,
-               slowmo_lr: float, slowmo_momentum: float) -> float:
-        """Write the round's result back; returns sum ||x_avg - x_i||^2 over parameters."""
+               slowmo_lr: float, slowmo_momentum: float, need_deviation: bool) -> float:
+        """Write the round's result back; returns sum ||x_avg - x_i||^2 over parameters
+        (measured by the local-SGD path only if ``need_deviation``; SlowMo/outer always)."""
         scale = 1.0 / n
         deviation = 0.0
         for b, buf in zip(buckets, bufs):
             off = 0
-            if algorithm == "local_sgd":
+            if algorithm == "local_sgd" and need_deviation:
                 deviation += K.unpack_average_deviation(buf, b.params, scale, off)
+            elif algorithm == "local_sgd":
+                K.unpack_average(buf, b.params, scale, off)
             elif algorithm == "slowmo":
                 deviation += K.unpack_slowmo(buf, b.params, b.anchors, b.momenta, scale, b.lrs,
                                              slowmo_lr, slowmo_momentum, off)

@@ -294,7 +294,8 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
                 if not lr > 0:
                     raise ValueError(f"SlowMo divides the pseudo-gradient by the lr; got lr={lr!r}")
         deviation = FusedSync.unpack(buckets, bufs, self._hl_size, self._hl_algorithm,
-                                     self._hl_slowmo_lr, self._hl_slowmo_momentum)
+                                     self._hl_slowmo_lr, self._hl_slowmo_momentum,
+                                     self._hl_schedule.needs_deviation)
         if self._hl_algorithm == "outer":
             self._hl_outer.step()
             for p, a in zip(self._hl_params(), self._hl_anchors):

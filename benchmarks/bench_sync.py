@@ -1,0 +1,142 @@
+"""Time of one sync on 2 ranks: our fused path vs the alternatives, side by side in one run.
+
+    .venv/bin/python benchmarks/bench_sync.py            # launches horovodrun (gloo, then mpi)
+
+Methods (all average the same tensors over the ranks):
+  (a) fused    horovod_local's sync: pack -> ONE allreduce per dtype -> fused unpack
+  (b) pertensor  hvd.allreduce_async_ per tensor (op=Average) + synchronize
+  (c) grouped  hvd.grouped_allreduce_ (op=Average)
+  (d) cat      torch.cat + one allreduce + copy back (PyTorch's model averager's method)
+  (e) floor    a bare allreduce of an already packed buffer of the same bytes
+Results: benchmarks/results/sync_<date>.json and a markdown table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {  # name -> (number of tensors, total float32 parameters)
+    "160x25M": (160, 25_000_000),
+    "50x1M": (50, 1_000_000),
+}
+
+
+def _shapes(n_tensors: int, total: int) -> list[int]:
+    # uneven sizes, as in real models (a few big matrices, many small vectors)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    w = rng.pareto(1.2, n_tensors) + 0.01
+    sizes = np.maximum(1, (w / w.sum() * total).astype(int))
+    sizes[0] += total - sizes.sum()
+    return [int(s) for s in sizes]
+
+
+def worker(out: str, repeats: int) -> None:
+    import torch
+    import horovod.torch as hvd
+    import horovod_local.torch as hlt
+
+    hvd.init()
+    torch.set_num_threads(1)
+    rows = []
+    for model_name, (n_tensors, total) in MODELS.items():
+        params = [torch.nn.Parameter(torch.randn(s) * (hvd.rank() + 1)) for s in _shapes(n_tensors, total)]
+        opt = hlt.DistributedLocalOptimizer(torch.optim.SGD(params, lr=0.1), period=1_000_000)
+        packed = torch.empty(total + 1)  # + our control element
+
+        def fused():
+            opt.synchronize()
+
+        def pertensor():
+            hs = [hvd.allreduce_async_(p.data, name=f"pt.{i}", op=hvd.Average) for i, p in enumerate(params)]
+            for h in hs:
+                hvd.synchronize(h)
+
+        def grouped():
+            hvd.grouped_allreduce_([p.data for p in params], name="grouped", op=hvd.Average)
+
+        def cat():
+            flat = torch.cat([p.data.view(-1) for p in params])
+            hvd.allreduce_(flat, name="cat", op=hvd.Average)
+            off = 0
+            for p in params:
+                p.data.copy_(flat[off: off + p.numel()].view_as(p))
+                off += p.numel()
+
+        def floor():
+            hvd.allreduce_(packed, name="floor", op=hvd.Sum)
+
+        methods = {"a_fused": fused, "b_pertensor": pertensor, "c_grouped": grouped,
+                   "d_cat": cat, "e_floor": floor}
+        times = {k: [] for k in methods}
+        for rep in range(repeats + 2):  # interleaved, so drift hits every method alike
+            for name, fn in methods.items():
+                hvd.allreduce(torch.zeros(1), name="barrier")
+                t0 = time.perf_counter()
+                fn()
+                dt = time.perf_counter() - t0
+                if rep >= 2:
+                    times[name].append(dt)
+        # every rank's slowest view counts (a sync ends when the last rank has it)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        med = {k: float(hvd.allreduce(torch.tensor([v]), name=f"max.{k}", op=hvd.Max)[0])
+               for k, v in med.items()}
+        rows.append({"model": model_name, "tensors": n_tensors, "params": total,
+                     "bytes": 4 * total, "median_s": med, "repeats": repeats,
+                     "backend": hlt.backend_info()})
+    if hvd.rank() == 0:
+        with open(out, "w") as f:
+            json.dump(rows, f)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--controllers", default="gloo,mpi")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker, args.repeats)
+    results = {"date": str(date.today()), "machine": f"{platform.node()} {os.cpu_count()} cores",
+               "command": " ".join([Path(sys.executable).name] + sys.argv), "runs": {}}
+    exe = Path(sys.executable).with_name("horovodrun")
+    for c in args.controllers.split(","):
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
+            cmd = [str(exe), "-np", "2", "-H", "localhost:2", f"--{c}", sys.executable, __file__,
+                   "--worker", tmp.name, "--repeats", str(args.repeats)]
+            print(f"[bench_sync] {c}: {' '.join(cmd)}", flush=True)
+            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+            results["runs"][c] = json.load(open(tmp.name))
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"sync_{date.today()}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nbackend: {results['runs'][next(iter(results['runs']))][0]['backend']}")
+    print("| controller | model | (a) fused ms | (b) per-tensor ms | (c) grouped ms | (d) cat ms | "
+          "(e) floor ms | a/e | b/a | c/a | d/a |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for c, rows in results["runs"].items():
+        for r in rows:
+            m = r["median_s"]
+            ms = lambda k: f"{1e3 * m[k]:.1f}"  # noqa: E731
+            print(f"| {c} | {r['model']} | {ms('a_fused')} | {ms('b_pertensor')} | "
+                  f"{ms('c_grouped')} | {ms('d_cat')} | {ms('e_floor')} | "
+                  f"{m['a_fused'] / m['e_floor']:.2f} | {m['b_pertensor'] / m['a_fused']:.2f} | "
+                  f"{m['c_grouped'] / m['a_fused']:.2f} | {m['d_cat'] / m['a_fused']:.2f} |")
+    print(f"\nwritten: {out}")
+
+
+if __name__ == "__main__":
+    main()
