@@ -1,0 +1,205 @@
+"""One sync round in TensorFlow ops: pack per dtype, ONE Horovod allreduce each, fused unpack.
+
+Everything here builds graph ops (it runs inside ``tf.function``: the Keras train step, or the
+wrapper's own ``tf.function`` for ``synchronize()`` / ``join()``); nothing round-trips to
+Python per batch.
+
+Packing: the tensors of one dtype are flattened and concatenated (``tf.concat``) into one
+buffer, with the control element at the end of the widest dtype's buffer, summed over the ranks
+by one ``horovod.tensorflow.allreduce(op=Sum)``, then split back and scaled by ``1/n``. (Measured
+against ``horovod.tensorflow.grouped_allreduce`` on this machine: equal within noise for a
+9.8M-float model, concat slightly faster for 200 small tensors; concat also guarantees exactly
+one allreduce per dtype whatever ``HOROVOD_FUSION_THRESHOLD`` is.)
+
+Collective names: Horovod matches collectives across ranks by name. Every round uses the same
+names (``horovod_local.sync.<dtype>``, with ``ignore_name_scope``) whichever graph it is built
+in, so a rank in a ``join()`` round (one ``tf.function``) meets a rank in a scheduled round
+(the train step's graph), and a rank in another kind of round gets a shape or control-element
+error instead of a hang. Note: an eagerly executed Horovod op does not match a graph op of the
+same name, so every collective of this package runs inside a ``tf.function``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import tensorflow as tf
+
+__all__ = ["GRADIENT_ROUND", "Bucket", "bucket_for", "assign_control", "allreduce_buckets",
+           "check_round_kinds", "check_finite", "broadcast_variables", "allreduce_mean_values"]
+
+_SYNC_NAME = "horovod_local.sync.{}"
+_DEVIATION_NAME = "horovod_local.deviation"
+# The control element (1.0 if the sending rank has joined) goes into the widest dtype's buffer.
+_CONTROL_PREFERENCE = [tf.float64, tf.float32, tf.bfloat16, tf.float16]
+_FLOAT_DTYPES = frozenset(_CONTROL_PREFERENCE)
+
+# Control value of a warm-up (gradient) round, against 0/1 (joined) in a parameter round: the
+# sums tell the two kinds apart, so mixing them fails loudly (as the PyTorch front end does).
+GRADIENT_ROUND = 1024.0
+
+
+def _hvd():
+    import horovod.tensorflow as hvd
+
+    return hvd
+
+
+def _value(v) -> tf.Tensor:
+    """A Keras or TF variable's current value as a tensor."""
+    return tf.convert_to_tensor(v)
+
+
+def _numel(v) -> int:
+    n = 1
+    for d in v.shape:
+        n *= int(d)
+    return n
+
+
+@dataclass
+class Bucket:
+    """The tensors of one dtype that travel in one buffer, by role, in buffer order."""
+
+    dtype: tf.DType
+    params: list = field(default_factory=list)  # variables (or gradient tensors in warm-up)
+    names: list = field(default_factory=list)
+    anchors: list = field(default_factory=list)  # SlowMo / outer x0, parallel to params
+    momenta: list = field(default_factory=list)  # SlowMo u
+    states: list = field(default_factory=list)  # inner-optimizer slot variables to average
+    accumulators: list = field(default_factory=list)  # AdaAlter A2
+    denominators: list = field(default_factory=list)  # AdaAlter B2
+    has_control: bool = False
+
+    def groups(self) -> list:
+        return [self.params, self.states, self.accumulators]
+
+    def numel(self) -> int:
+        return sum(_numel(t) for g in self.groups() for t in g) + int(self.has_control)
+
+    def nbytes(self) -> int:
+        return self.numel() * self.dtype.size
+
+
+def bucket_for(buckets: dict, dtype) -> Bucket:
+    dtype = tf.as_dtype(dtype)
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"horovod_local syncs floating-point tensors only, got {dtype.name}")
+    if dtype not in buckets:
+        buckets[dtype] = Bucket(dtype)
+    return buckets[dtype]
+
+
+def assign_control(buckets: list[Bucket]) -> None:
+    present = {b.dtype for b in buckets}
+    for dt in _CONTROL_PREFERENCE:
+        if dt in present:
+            next(b for b in buckets if b.dtype == dt).has_control = True
+            return
+    raise TypeError("horovod_local: nothing to sync (no floating-point variables)")
+
+
+def allreduce_buckets(buckets: list[Bucket], control, process_set) -> tuple[list, tf.Tensor, int]:
+    """Pack each bucket into one flat buffer, sum it over the ranks (one allreduce per bucket).
+
+    Returns (summed buffers, summed control element as float64, bytes this rank sent)."""
+    hvd = _hvd()
+    summed, nbytes, control_sum = [], 0, None
+    for b in buckets:
+        pieces = [tf.reshape(tf.cast(_value(t), b.dtype), [-1]) for g in b.groups() for t in g]
+        if b.has_control:
+            c = tf.cast(control, b.dtype) if tf.is_tensor(control) \
+                else tf.constant(float(control), b.dtype)  # tf.cast(python float) rounds via f32
+            pieces.append(tf.reshape(c, [1]))
+        buf = pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=0)
+        out = hvd.allreduce(buf, op=hvd.Sum, name=_SYNC_NAME.format(b.dtype.name),
+                            process_set=process_set, ignore_name_scope=True)
+        summed.append(out)
+        nbytes += b.nbytes()
+        if b.has_control:
+            control_sum = tf.cast(out[-1], tf.float64)
+    return summed, control_sum, nbytes
+
+
+def split(buf: tf.Tensor, tensors: list, offset: int) -> tuple[list, int]:
+    """Views of ``buf`` shaped like ``tensors``, starting at ``offset``."""
+    out = []
+    for t in tensors:
+        k = _numel(t)
+        out.append(tf.reshape(buf[offset: offset + k], t.shape))
+        offset += k
+    return out, offset
+
+
+def check_round_kinds(control_sum: tf.Tensor, n: int, gradient_round: bool):
+    """An op that fails when ranks are in different kinds of rounds (see GRADIENT_ROUND)."""
+    if gradient_round:
+        ok = tf.abs(control_sum - n * GRADIENT_ROUND) < 0.5
+    else:
+        ok = control_sum < GRADIENT_ROUND - 0.5
+    return tf.debugging.Assert(ok, [
+        "horovod_local: ranks are in different kinds of rounds (some allreduce gradients in "
+        "warm-up, others sync parameters). This happens when a rank calls join() or "
+        "synchronize() while others are still in warm-up, or when ranks were built with "
+        "different warmup_steps. Summed control element:", control_sum])
+
+
+def check_finite(summed: list, step) -> list:
+    """Ops that fail on a non-finite sum (some rank diverged) before anything is written back;
+    all ranks see the same sum, so all fail together."""
+    return [tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(buf)), [
+        "horovod_local: non-finite values (NaN/Inf) in the sync at step", step,
+        ": at least one rank diverged. Nothing was written back."]) for buf in summed]
+
+
+def allreduce_mean_scalar(value: tf.Tensor, n: int, process_set) -> tf.Tensor:
+    """Mean over the ranks of one float64 scalar (ADPSGD's S)."""
+    hvd = _hvd()
+    s = hvd.allreduce(tf.reshape(tf.cast(value, tf.float64), [1]), op=hvd.Sum,
+                      name=_DEVIATION_NAME, process_set=process_set, ignore_name_scope=True)
+    return s[0] * (1.0 / n)
+
+
+# ---- collectives used by the callbacks (each inside its own tf.function) ---------------------
+def broadcast_variables(variables: list, root_rank: int = 0, process_set=None,
+                        name: str = "horovod_local.broadcast") -> None:
+    """Set ``variables`` (Keras 3 or TF variables, any dtypes) to ``root_rank``'s values: one
+    Horovod broadcast per dtype (packed like a sync). Collective: every rank of the process set
+    calls it with the same list of variables (same shapes and dtypes, same order).
+
+    Works on Keras 3 variables, unlike ``horovod.tensorflow.broadcast_variables`` there."""
+    hvd = _hvd()
+    ps = process_set if process_set is not None else hvd.global_process_set
+    by_dtype: dict = {}
+    for v in variables:
+        by_dtype.setdefault(tf.as_dtype(v.dtype), []).append(v)
+    if not by_dtype:
+        return
+    groups = sorted(by_dtype.items(), key=lambda kv: kv[0].name)
+
+    @tf.function(autograph=False)
+    def run():
+        for dtype, vs in groups:
+            buf = tf.concat([tf.reshape(_value(v), [-1]) for v in vs], axis=0)
+            buf = hvd.broadcast(buf, root_rank=root_rank, name=f"{name}.{dtype.name}",
+                                process_set=ps, ignore_name_scope=True)
+            parts, _ = split(buf, vs, 0)
+            for v, p in zip(vs, parts):
+                v.assign(p)
+
+    run()
+
+
+def allreduce_mean_values(values: list[float], process_set=None,
+                          name: str = "horovod_local.metrics") -> list[float]:
+    """Mean over the ranks of a list of Python floats, in one float64 allreduce. Collective."""
+    hvd = _hvd()
+    ps = process_set if process_set is not None else hvd.global_process_set
+    n = ps.size()
+
+    @tf.function(autograph=False)
+    def run(x):
+        return hvd.allreduce(x, op=hvd.Sum, name=name, process_set=ps,
+                             ignore_name_scope=True) * (1.0 / n)
+
+    out = run(tf.constant(list(values) if values else [0.0], dtype=tf.float64))
+    return [float(v) for v in out.numpy()[: len(values)]]
+

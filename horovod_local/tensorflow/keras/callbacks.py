@@ -1,0 +1,219 @@
+"""Keras 3 callbacks for horovod-local (and the Horovod Keras callbacks that do not work on
+Keras 3). Put them first in ``callbacks=[...]`` in this order: broadcast, final sync, metric
+averaging, then the rest, so that later callbacks (checkpoints, loggers) see the synced model
+and the averaged metrics."""
+from __future__ import annotations
+
+import math
+import sys
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from horovod_local.tensorflow import fused_sync as fs
+from horovod_local.tensorflow.keras.optimizer import DistributedLocalOptimizer
+
+__all__ = ["BroadcastGlobalVariablesCallback", "MetricAverageCallback", "FinalSyncCallback",
+           "LearningRateWarmupCallback", "SyncStatsLogger", "find_local_optimizer"]
+
+# dtypes Horovod can broadcast (Keras' SeedGenerator states are uint32: they stay per rank, so
+# dropout masks differ across ranks, as each rank's data does)
+_BROADCASTABLE = {"float16", "float32", "float64", "int32", "int64", "uint8", "int8", "bool"}
+
+
+def _hvd():
+    import horovod.tensorflow as hvd
+
+    return hvd
+
+
+def find_local_optimizer(optimizer) -> Optional[DistributedLocalOptimizer]:
+    """The DistributedLocalOptimizer in ``optimizer`` (itself, or inside a LossScaleOptimizer)."""
+    seen = 0
+    while optimizer is not None and seen < 4:
+        if isinstance(optimizer, DistributedLocalOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+        seen += 1
+    return None
+
+
+class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
+    """At the start of training, set every rank's model and optimizer variables to
+    ``root_rank``'s (one fused broadcast per dtype), so that all replicas start from the same
+    point. The Keras 3 counterpart of Horovod's callback of the same name."""
+
+    def __init__(self, root_rank: int = 0, process_set=None) -> None:
+        super().__init__()
+        self.root_rank = root_rank
+        self.process_set = process_set
+        self.broadcast_done = False
+
+    def on_train_begin(self, logs=None):
+        # Keras 3 on TensorFlow builds the model and optimizer lazily, in the first traced train
+        # step. If the model is built, build the optimizer now and broadcast before the first
+        # step; otherwise broadcast after the first batch, as Horovod's callback does.
+        if self.model.built and self.model.trainable_variables:
+            self._broadcast()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.broadcast_done:
+            self._broadcast()
+
+    def _broadcast(self):
+        if self.broadcast_done:
+            return
+        variables = list(self.model.variables)
+        opt = self.model.optimizer
+        if opt is not None:
+            if not opt.built:
+                opt.build(self.model.trainable_variables)
+            variables += list(opt.variables)
+        seen, unique = set(), []
+        for v in variables:
+            if id(v) not in seen and tf.as_dtype(v.dtype).name in _BROADCASTABLE:
+                seen.add(id(v))
+                unique.append(v)
+        fs.broadcast_variables(unique, root_rank=self.root_rank, process_set=self.process_set)
+        self.broadcast_done = True
+
+
+class MetricAverageCallback(keras.callbacks.Callback):
+    """At the end of each epoch, replace every metric in ``logs`` by its mean over the ranks
+    (one allreduce for all of them). Place it before callbacks that read the metrics."""
+
+    def __init__(self, process_set=None) -> None:
+        super().__init__()
+        self.process_set = process_set
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not logs:
+            return
+        keys = sorted(k for k, v in logs.items() if _is_number(v))
+        means = fs.allreduce_mean_values([float(logs[k]) for k in keys],
+                                         process_set=self.process_set)
+        for k, m in zip(keys, means):
+            logs[k] = m
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+class FinalSyncCallback(keras.callbacks.Callback):
+    """At the end of training (and, with ``every_epoch=True``, of every epoch) run
+    ``optimizer.join()``: every rank enters sync rounds until all ranks have, so all ranks end
+    with the same averaged model (save it on any rank). With ``TimeBudget`` schedules ranks may
+    be in different rounds at an epoch's end: use ``every_epoch=True`` before any other
+    collective (``MetricAverageCallback``, validation with collectives)."""
+
+    def __init__(self, every_epoch: bool = False) -> None:
+        super().__init__()
+        self.every_epoch = every_epoch
+
+    def _opt(self) -> DistributedLocalOptimizer:
+        opt = find_local_optimizer(self.model.optimizer)
+        if opt is None:
+            raise ValueError("FinalSyncCallback needs a model compiled with a "
+                             "DistributedLocalOptimizer")
+        return opt
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every_epoch:
+            self._sync()
+
+    def on_train_end(self, logs=None):
+        if not self.every_epoch:
+            self._sync()
+
+    def _sync(self):
+        opt = self._opt()
+        if int(opt.iterations.numpy()) < opt._hl_warmup_steps:
+            return  # still in warm-up: replicas are identical already
+        opt.join()
+
+
+class LearningRateWarmupCallback(keras.callbacks.Callback):
+    """Horovod's linear learning-rate warm-up: over the first ``warmup_epochs`` epochs (or
+    ``warmup_steps`` batches), the lr rises from about ``initial_lr / size`` to ``initial_lr``::
+
+        lr(b) = initial_lr / size * ((b + 1) * (size - 1) / N + 1),   b = 0 .. N - 1
+
+    with ``b`` the batch index since training started and ``N`` the warm-up length in batches
+    (``warmup_epochs * steps_per_epoch``), exactly Horovod's formula. The lr is set before each
+    batch; after the warm-up it stays at ``initial_lr``. (Horovod's momentum correction is not
+    applied.)
+
+    Args:
+        initial_lr: the lr after warm-up (e.g. ``base_lr * hvd.size()``).
+        warmup_epochs: warm-up length in epochs (fractional epochs via steps_per_epoch).
+        steps_per_epoch: batches per epoch; default: taken from ``model.fit``'s parameters.
+        warmup_steps: warm-up length in batches instead of epochs.
+        verbose: print the lr reached at the end of the warm-up on rank 0.
+    """
+
+    def __init__(self, initial_lr: float, warmup_epochs: float = 5,
+                 steps_per_epoch: Optional[int] = None, warmup_steps: Optional[int] = None,
+                 verbose: int = 0) -> None:
+        super().__init__()
+        self.initial_lr = float(initial_lr)
+        self.warmup_epochs = warmup_epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.warmup_steps = warmup_steps
+        self.verbose = verbose
+        self._batch = 0
+        self._n = None
+
+    def multiplier(self, b: int, n_batches: int, size: int) -> float:
+        return 1.0 / size * ((b + 1) * (size - 1) / n_batches + 1.0)
+
+    def on_train_begin(self, logs=None):
+        if self.warmup_steps is not None:
+            self._n = int(self.warmup_steps)
+        else:
+            spe = self.steps_per_epoch or (self.params or {}).get("steps")
+            if not spe:
+                raise ValueError("LearningRateWarmupCallback: pass steps_per_epoch (it could "
+                                 "not be read from model.fit's parameters)")
+            self._n = max(1, int(round(self.warmup_epochs * spe)))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._batch < self._n:
+            size = _hvd().size()
+            lr = self.initial_lr * self.multiplier(self._batch, self._n, size)
+            self.model.optimizer.learning_rate = lr
+            if self._batch == self._n - 1 and self.verbose and _hvd().rank() == 0:
+                print(f"\nLearningRateWarmupCallback: warm-up done, lr = {lr:g}", file=sys.stdout)
+        self._batch += 1
+
+
+class SyncStatsLogger(keras.callbacks.Callback):
+    """Adds the sync statistics to the epoch logs (``hl_syncs``, ``hl_period``,
+    ``hl_bytes_sent``, ``hl_communication_ratio``, ``hl_sync_seconds``) and, with
+    ``verbose=1``, prints them on rank 0 at the end of each epoch."""
+
+    def __init__(self, verbose: int = 1) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def on_epoch_end(self, epoch, logs=None):
+        opt = find_local_optimizer(self.model.optimizer)
+        if opt is None:
+            return
+        st = opt.sync_stats()
+        values = {"hl_syncs": st.syncs, "hl_period": st.period, "hl_bytes_sent": st.bytes_sent,
+                  "hl_communication_ratio": st.communication_ratio,
+                  "hl_sync_seconds": st.sync_seconds}
+        if logs is not None:
+            logs.update(values)
+        if self.verbose and _hvd().rank() == 0:
+            ratio = st.communication_ratio
+            print(f"[horovod_local] epoch {epoch + 1}: syncs={st.syncs} period={st.period:g} "
+                  f"steps={st.steps} bytes_sent={st.bytes_sent} "
+                  f"vs_allreduce_every_step={'%.3f' % ratio if not math.isnan(ratio) else 'n/a'} "
+                  f"sync_seconds={st.sync_seconds:.3f}", file=sys.stdout, flush=True)

@@ -1,0 +1,643 @@
+"""``DistributedLocalOptimizer`` for Keras 3: local steps, and periodic fused parameter syncs
+inside the compiled train step."""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any, Callable, Optional, Union
+
+import keras
+import tensorflow as tf
+from keras import initializers
+from keras.saving import deserialize_keras_object, serialize_keras_object
+
+from horovod_local.schedules import PeriodSchedule, make_schedule
+from horovod_local.stats import SyncStats
+from horovod_local.tensorflow import fused_sync as fs
+from horovod_local.tensorflow.graph_schedule import GraphSchedule, schedule_from_config, \
+    schedule_to_config
+from horovod_local.tensorflow.keras.adaalter import LocalAdaAlter
+
+__all__ = ["DistributedLocalOptimizer"]
+
+STATE_POLICIES = ("keep", "reset", "average")
+ALGORITHMS = ("local_sgd", "slowmo")
+_FLOAT = ("float16", "bfloat16", "float32", "float64")
+# attributes of Keras optimizers that hold per-variable lists which are NOT optimizer state
+_NOT_STATE = {"_trainable_variables", "_variables", "_accumulated_gradients",
+              "_model_variables_moving_average"}
+
+
+def _dtype_name(dtype) -> str:
+    return tf.as_dtype(dtype).name
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, (keras.Variable, tf.Variable))
+
+
+def _check_not_xla() -> None:
+    """Horovod's collectives have no XLA kernels (Keras' jit_compile='auto' enables XLA on
+    GPU machines): fail with the fix instead of an obscure XLA error."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - private TF module moved
+        return
+    if not tf.executing_eagerly() and control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()):
+        raise RuntimeError("horovod_local: the train step is XLA-compiled, but Horovod's "
+                           "collectives have no XLA kernels. Compile the model with "
+                           "model.compile(..., jit_compile=False) (Keras' 'auto' enables XLA on "
+                           "GPU machines), or call apply_gradients outside jit_compile=True "
+                           "functions.")
+
+
+@keras.saving.register_keras_serializable(package="horovod_local")
+class DistributedLocalOptimizer(keras.optimizers.Optimizer):
+    """Wrap a Keras 3 optimizer for local SGD: local steps, and a parameter average every
+    ``period`` steps, inside the compiled train step.
+
+    A replacement for Horovod's Keras ``DistributedOptimizer`` (which does not work on Keras 3):
+    ``model.compile(optimizer=DistributedLocalOptimizer(keras.optimizers.SGD(0.1), period=8))``
+    and ``model.fit(...)``; or ``optimizer.apply_gradients(...)`` in a custom loop. Each step
+    runs the inner optimizer on this rank's gradients; after warm-up, every ``period`` local
+    steps the parameters (and the state the algorithm needs) are averaged over the ranks in one
+    allreduce per dtype, inside the same ``tf.function`` (``tf.cond`` on step counters kept in
+    variables; no Python round trip per batch).
+
+    Args:
+        optimizer: the inner ``keras.optimizers.Optimizer`` (SGD, Adam, ...,
+            :class:`LocalAdaAlter`). Its ``learning_rate`` is the wrapper's.
+        period: local steps between syncs (int >= 1), ``math.inf`` for none (call
+            :meth:`synchronize` / use ``FinalSyncCallback``), or a schedule from
+            :mod:`horovod_local`: ``Constant``, ``Increasing``, ``Adaptive`` (ADPSGD),
+            ``TimeBudget``, ``Never``.
+        warmup_steps: first steps that average gradients every step (exactly Horovod's
+            ``DistributedOptimizer``), before local steps start.
+        state_policy: what a sync does to the inner optimizer's slot variables of the
+            parameters' shape (SGD momentum, Adam m and v, ...): ``'keep'``, ``'reset'``
+            (zero them) or ``'average'`` (average them in the same buffer).
+        algorithm: ``'local_sgd'`` (model averaging) or ``'slowmo'`` (slow momentum).
+        slowmo_lr, slowmo_momentum: SlowMo's alpha and beta.
+        outer_optimizer: a Keras optimizer applied at each sync to the pseudo-gradient
+            ``x0 - x_avg`` of the anchors ``x0`` (DiLoCo:
+            ``keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True)``), or a factory
+            ``anchors -> optimizer`` (as in the PyTorch front end). Replaces ``algorithm``.
+        process_set: a ``horovod.tensorflow`` process set (default: all ranks). Not saved by
+            ``model.save``; a loaded model uses the global process set.
+        name: the optimizer's name.
+
+    Example::
+
+        import horovod.tensorflow as hvd, keras
+        from horovod_local.tensorflow import keras as hlk
+        hvd.init()
+        opt = hlk.DistributedLocalOptimizer(keras.optimizers.SGD(0.05, momentum=0.9),
+                                            period=8, warmup_steps=100)
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(x, y, callbacks=[hlk.BroadcastGlobalVariablesCallback(0),
+                                   hlk.FinalSyncCallback()])
+    """
+
+    def __init__(self, optimizer, period: Union[int, float, PeriodSchedule, None] = 8,
+                 warmup_steps: int = 0, state_policy: str = "keep",
+                 algorithm: str = "local_sgd", slowmo_lr: float = 1.0,
+                 slowmo_momentum: float = 0.5, outer_optimizer: Any = None,
+                 process_set: Any = None, name: Optional[str] = None, **kwargs) -> None:
+        if kwargs:
+            raise ValueError(f"DistributedLocalOptimizer does not take {sorted(kwargs)}; set "
+                             f"such options on the inner optimizer")
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(f"optimizer must be a keras.optimizers.Optimizer (Keras 3), got "
+                            f"{type(optimizer).__name__}")
+        if isinstance(optimizer, DistributedLocalOptimizer):
+            raise ValueError("optimizer is already a DistributedLocalOptimizer")
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            raise ValueError("a LossScaleOptimizer cannot be wrapped: its per-rank skipped steps "
+                             "would desynchronise the ranks' step counters")
+        if optimizer.gradient_accumulation_steps:
+            raise ValueError("inner optimizers with gradient_accumulation_steps are not "
+                             "supported (the step counters would count micro-steps)")
+        schedule = make_schedule(period)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) \
+                or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if state_policy not in STATE_POLICIES:
+            raise ValueError(f"state_policy must be one of {STATE_POLICIES}, got {state_policy!r}")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        for nm, v in (("slowmo_lr", slowmo_lr), ("slowmo_momentum", slowmo_momentum)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{nm} must be a finite number, got {v!r}")
+        if not slowmo_lr > 0:
+            raise ValueError(f"slowmo_lr must be > 0, got {slowmo_lr!r}")
+        if not 0 <= slowmo_momentum < 1:
+            raise ValueError(f"slowmo_momentum must be in [0, 1), got {slowmo_momentum!r}")
+        if outer_optimizer is not None:
+            if not (isinstance(outer_optimizer, keras.optimizers.Optimizer)
+                    or callable(outer_optimizer)):
+                raise ValueError("outer_optimizer must be a keras optimizer or a callable "
+                                 "anchors -> keras optimizer")
+            if algorithm != "local_sgd":
+                raise ValueError("pass either algorithm='slowmo' or outer_optimizer, not both")
+        adaalter = isinstance(optimizer, LocalAdaAlter)
+        if adaalter and state_policy == "reset":
+            raise ValueError("state_policy='reset' does not apply to LocalAdaAlter: its "
+                             "accumulators are always averaged at syncs (AdaAlter's own rule); "
+                             "use 'keep'")
+
+        super().__init__(learning_rate=0.0, name=name or f"distributed_local_{optimizer.name}")
+        self.inner_optimizer = optimizer
+        self._hl_schedule = schedule
+        self._hl_gs = GraphSchedule(schedule)
+        self._hl_warmup_steps = int(warmup_steps)
+        self._hl_state_policy = state_policy
+        self._hl_algorithm = "outer" if outer_optimizer is not None else algorithm
+        self._hl_slowmo_lr = float(slowmo_lr)
+        self._hl_slowmo_momentum = float(slowmo_momentum)
+        self._hl_outer_arg = outer_optimizer
+        self._hl_outer = outer_optimizer if isinstance(outer_optimizer,
+                                                       keras.optimizers.Optimizer) else None
+        self._hl_process_set_arg = process_set
+        self._hl_adaalter = adaalter
+        if adaalter:
+            optimizer._auto_refresh = False  # refreshed at our syncs / warm-up steps
+        # tf.functions and the process set, kept out of Keras/TF tracking
+        object.__setattr__(self, "_hl_fns", {})
+
+    # ---- delegation to the inner optimizer -------------------------------------------------
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        self.inner_optimizer.learning_rate = value
+
+    def scale_loss(self, loss):
+        return self.inner_optimizer.scale_loss(loss)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def __getattr__(self, name):
+        # hyper-parameters of the inner optimizer (momentum, beta_1, ...); only reached when
+        # normal lookup fails
+        if name.startswith("_") or name == "inner_optimizer":
+            raise AttributeError(name)
+        inner = self.__dict__.get("inner_optimizer")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    # ---- variables ------------------------------------------------------------------------
+    @property
+    def variables(self):
+        out = self._variables[:] + self.inner_optimizer.variables
+        if self._hl_outer is not None:
+            out += self._hl_outer.variables
+        return out
+
+    def _hl_saved_variables(self) -> list:
+        skip = {id(v) for v in self._hl_unsaved()}
+        return [v for v in self.variables if id(v) not in skip]
+
+    def _hl_unsaved(self) -> list:
+        rs = getattr(self, "_hl_round_start", None)
+        return [rs] if rs is not None else []
+
+    def save_own_variables(self, store):
+        for i, v in enumerate(self._hl_saved_variables()):
+            store[str(i)] = v.numpy()
+
+    def load_own_variables(self, store):
+        vs = self._hl_saved_variables()
+        if len(store.keys()) != len(vs):
+            warnings.warn(f"Skipping variable loading for optimizer '{self.name}': it has "
+                          f"{len(vs)} variables, the saved one {len(store.keys())}", stacklevel=2)
+            return
+        for i, v in enumerate(vs):
+            v.assign(store[str(i)])
+
+    def _hl_var(self, name, dtype, value, shape=()):
+        return self.add_variable(shape=shape, dtype=dtype,
+                                 initializer=initializers.Constant(value), name=name)
+
+    def build(self, var_list):
+        if self.built:
+            return
+        var_list = list(var_list)
+        if keras.config.dtype_policy().name == "mixed_float16":
+            warnings.warn("horovod_local: with the mixed_float16 policy Keras wraps the optimizer "
+                          "in a LossScaleOptimizer, which skips steps per rank on non-finite "
+                          "gradients and so desynchronises the ranks' step counters (a hang or "
+                          "an error at the next sync). Use mixed_bfloat16 or float32.",
+                          stacklevel=2)
+        if not self.inner_optimizer.built:
+            self.inner_optimizer.build(var_list)
+        super().build(var_list)
+        with keras.name_scope(self.name, caller=self):
+            self._hl_local_steps = self._hl_var("hl_local_steps", "int64", 0)
+            self._hl_syncs = self._hl_var("hl_syncs", "int64", 0)
+            self._hl_warmup_done = self._hl_var("hl_warmup_steps_done", "int64", 0)
+            self._hl_bytes_sent = self._hl_var("hl_bytes_sent", "int64", 0)
+            self._hl_bytes_per_step = self._hl_var("hl_bytes_per_step_allreduce", "int64", 0)
+            self._hl_sync_seconds = self._hl_var("hl_sync_seconds", "float64", 0.0)
+            self._hl_last_deviation = self._hl_var("hl_last_deviation", "float64", math.nan)
+            self._hl_gs.build(lambda nm, dt, val: self._hl_var(nm, dt, val))
+            anchors = momenta = None
+            self._hl_anchors_set = None
+            if self._hl_algorithm in ("slowmo", "outer"):
+                self._hl_anchors_set = self._hl_var("hl_anchors_set", "int64", 0)
+                anchors = []
+                for v in var_list:
+                    dt = "float64" if _dtype_name(v.dtype) == "float64" else "float32"
+                    anchors.append(self._hl_var(f"{self._hl_path(v)}_hl_anchor", dt, 0.0,
+                                                shape=v.shape))
+                if self._hl_algorithm == "slowmo":
+                    momenta = [self._hl_var(f"{self._hl_path(v)}_hl_slow_momentum",
+                                            _dtype_name(a.dtype), 0.0, shape=a.shape)
+                               for v, a in zip(var_list, anchors)]
+            self._hl_anchors = anchors
+            self._hl_momenta = momenta
+            # not saved: the wall-clock start of the current round (TimeBudget)
+            self._hl_round_start = self._hl_var("hl_round_start", "float64", -1.0)
+        if self._hl_algorithm == "outer":
+            if self._hl_outer is None:
+                outer = self._hl_outer_arg(list(anchors))
+                if not isinstance(outer, keras.optimizers.Optimizer):
+                    raise TypeError(f"outer_optimizer must return a keras optimizer over the "
+                                    f"anchors it is given, got {type(outer).__name__}")
+                self._hl_outer = outer
+            self._hl_outer.build(list(anchors))
+        # not an attribute Keras tracks: these are the inner optimizer's variables
+        object.__setattr__(self, "_hl_slots", self._hl_find_slots(var_list))
+
+    @staticmethod
+    def _hl_path(v) -> str:
+        return (v.path if hasattr(v, "path") else v.name).replace("/", "_").replace(":", "_")
+
+    def _hl_find_slots(self, var_list) -> list:
+        """Per trainable variable, the inner optimizer's floating slot variables of its shape
+        (SGD momentum, Adam m / v, RMSprop ...): per-variable lists the optimizer built with
+        ``add_optimizer_variables``, found by scanning its attributes (sorted by name)."""
+        inner = self.inner_optimizer
+        n = len(var_list)
+        skip = _NOT_STATE | set(getattr(inner, "_hl_not_state", ()))
+        slots: list[list] = [[] for _ in range(n)]
+        for attr in sorted(vars(inner)):
+            val = vars(inner)[attr]
+            if attr in skip or not isinstance(val, (list, tuple)) or len(val) != n or n == 0:
+                continue
+            if not any(_is_variable(x) for x in val):
+                continue
+            ok = all(x is None or (_is_variable(x) and tuple(x.shape) == tuple(v.shape)
+                                   and _dtype_name(x.dtype) in _FLOAT)
+                     for x, v in zip(val, var_list))
+            if not ok:
+                continue
+            for i, x in enumerate(val):
+                if x is not None:
+                    slots[i].append(x)
+        return slots
+
+    # ---- Horovod ---------------------------------------------------------------------------
+    def _hl_ps(self):
+        ps = self._hl_fns.get("process_set")
+        if ps is None:
+            import horovod.tensorflow as hvd
+
+            if not hvd.is_initialized():
+                raise RuntimeError("horovod_local: call horovod.tensorflow.init() before "
+                                   "training with DistributedLocalOptimizer")
+            ps = self._hl_process_set_arg if self._hl_process_set_arg is not None \
+                else hvd.global_process_set
+            if not ps.included():
+                raise ValueError(f"process_set: this rank ({hvd.rank()}) is not a member of {ps!r}")
+            self._hl_fns["process_set"] = ps
+        return ps
+
+    def _hl_size(self) -> int:
+        return self._hl_ps().size()
+
+    def _hl_fn(self, key: str, fn: Callable):
+        f = self._hl_fns.get(key)
+        if f is None:
+            f = tf.function(fn, autograph=False)
+            self._hl_fns[key] = f
+        return f
+
+    # ---- the step --------------------------------------------------------------------------
+    def _hl_current_lr(self) -> tf.Tensor:
+        lr = self.inner_optimizer.learning_rate
+        return tf.identity(tf.convert_to_tensor(lr))
+
+    def apply(self, grads, trainable_variables=None):
+        grads = list(grads)
+        if len(grads) == 0:
+            return
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError("When passing `grads` without `variables`, the optimizer must "
+                                 "already be built on a list of variables.")
+            trainable_variables = self._trainable_variables
+        else:
+            trainable_variables = list(trainable_variables)
+            if not self.built:
+                with keras.name_scope(self.name, caller=self):
+                    self.build(trainable_variables)
+                self.built = True
+            self._check_variables_are_known(trainable_variables)
+        self._hl_ps()
+        _check_not_xla()
+        with keras.name_scope(self.name, caller=self):
+            self._hl_apply(grads, trainable_variables)
+
+    def _hl_apply(self, grads: list, tvars: list) -> None:
+        W = self._hl_warmup_steps
+        gs = self._hl_gs
+        lr = self._hl_current_lr()  # the lr this step uses (read before the inner step)
+        step = tf.convert_to_tensor(self._iterations)
+        in_warmup = step < W if W > 0 else None
+
+        if W > 0:
+            idx = tuple(i for i, g in enumerate(grads) if g is not None)
+            dense = [tf.convert_to_tensor(grads[i]) for i in idx]
+            order = tuple(self._get_variable_index(tvars[i]) for i in idx)
+            avg_fn = self._hl_fn("grads", self._hl_average_gradients)
+            new = tf.cond(in_warmup, lambda: avg_fn(dense, step, order), lambda: list(dense))
+            for i, g in zip(idx, new):
+                grads[i] = g
+        if self._hl_anchors is not None:
+            init = self._hl_anchors_set < 1
+            if W > 0:
+                init = tf.logical_and(init, tf.logical_not(in_warmup))
+            tf.cond(init, self._hl_init_anchors, lambda: tf.constant(0, tf.int64))
+        if gs.kind == "time":
+            start = self._hl_round_start < 0
+            if W > 0:
+                start = tf.logical_and(start, tf.logical_not(in_warmup))
+            tf.cond(start, self._hl_start_round, lambda: tf.constant(0.0, tf.float64))
+
+        self.inner_optimizer.apply(grads, tvars)
+
+        self._iterations.assign_add(1)
+        self._hl_bytes_per_step.assign_add(self._hl_param_bytes())
+        if W > 0:
+            local_inc = tf.where(in_warmup, tf.constant(0, tf.int64), tf.constant(1, tf.int64))
+            self._hl_warmup_done.assign_add(1 - local_inc)
+            if self._hl_adaalter:
+                tf.cond(in_warmup, self.inner_optimizer.refresh_denominators,
+                        lambda: tf.constant(0.0, tf.float64))
+        else:
+            local_inc = tf.constant(1, tf.int64)
+        self._hl_local_steps.assign_add(local_inc)
+        if not gs.can_sync:
+            return
+        local_steps = tf.convert_to_tensor(self._hl_local_steps)
+        since = tf.timestamp() - self._hl_round_start if gs.kind in ("time", "python") \
+            else tf.constant(0.0, tf.float64)
+        should = gs.should_sync(local_steps, since)
+        if W > 0:
+            should = tf.logical_and(should, tf.logical_not(in_warmup))
+        sync_fn = self._hl_fn("sync", self._hl_sync_round)
+        tf.cond(should, lambda: sync_fn(tf.constant(0.0, tf.float64), lr),
+                lambda: tf.constant(0.0, tf.float64))
+
+    def _hl_param_bytes(self) -> int:
+        return sum(int(math.prod(v.shape)) * tf.as_dtype(v.dtype).size
+                   for v in self._trainable_variables)
+
+    def _hl_average_gradients(self, grads: list, step, order: tuple) -> list:
+        """Warm-up: sum the gradients over the ranks (one buffer per dtype), times 1/n."""
+        t0 = tf.timestamp()
+        n = self._hl_size()
+        buckets: dict = {}
+        where = []
+        for k, g in enumerate(grads):
+            b = fs.bucket_for(buckets, g.dtype)
+            where.append((b.dtype, len(b.params)))
+            b.params.append(g)
+            b.names.append(self._trainable_variables[order[k]].name)
+        blist = list(buckets.values())
+        fs.assign_control(blist)
+        summed, ctrl, nbytes = fs.allreduce_buckets(blist, fs.GRADIENT_ROUND, self._hl_ps())
+        checks = [fs.check_round_kinds(ctrl, n, gradient_round=True)]
+        checks += fs.check_finite(summed, step + 1)
+        parts = {}
+        with tf.control_dependencies([c for c in checks if c is not None]):
+            for b, buf in zip(blist, summed):
+                avg = buf * tf.constant(1.0 / n, b.dtype)  # not tf.cast: that rounds via float32
+                parts[b.dtype], _ = fs.split(avg, b.params, 0)
+        out = [parts[dt][j] for dt, j in where]
+        self._hl_bytes_sent.assign_add(nbytes)
+        self._hl_sync_seconds.assign_add(tf.timestamp() - t0)
+        return out
+
+    def _hl_start_round(self):
+        self._hl_round_start.assign(tf.timestamp())
+        return tf.constant(0.0, tf.float64)
+
+    def _hl_init_anchors(self):
+        """x0 = the parameters, at the first local step (before it is taken)."""
+        for v, a in zip(self._trainable_variables, self._hl_anchors):
+            a.assign(tf.cast(tf.convert_to_tensor(v), a.dtype))
+        self._hl_anchors_set.assign(1)
+        return tf.constant(0, tf.int64)
+
+    # ---- the sync round --------------------------------------------------------------------
+    def _hl_buckets(self) -> list:
+        buckets: dict = {}
+        tvars = self._trainable_variables
+        pairs = self.inner_optimizer.accumulator_pairs() if self._hl_adaalter else None
+        for i, v in enumerate(tvars):
+            b = fs.bucket_for(buckets, v.dtype)
+            b.params.append(v)
+            b.names.append(v.name)
+            if self._hl_anchors is not None:
+                b.anchors.append(self._hl_anchors[i])
+                if self._hl_momenta is not None:
+                    b.momenta.append(self._hl_momenta[i])
+            if self._hl_state_policy == "average":
+                for s in self._hl_slots[i]:
+                    fs.bucket_for(buckets, s.dtype).states.append(s)
+            if pairs is not None:
+                a2, b2 = pairs[i]
+                ab = fs.bucket_for(buckets, a2.dtype)
+                ab.accumulators.append(a2)
+                ab.denominators.append(b2)
+        out = list(buckets.values())
+        fs.assign_control(out)
+        return out
+
+    def _hl_sync_round(self, joined: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
+        """One round (all ranks enter it once); returns how many ranks have joined."""
+        t0 = tf.timestamp()
+        n = self._hl_size()
+        step = tf.convert_to_tensor(self._iterations)
+        if self._hl_anchors is not None:
+            tf.cond(self._hl_anchors_set < 1, self._hl_init_anchors,
+                    lambda: tf.constant(0, tf.int64))
+        buckets = self._hl_buckets()
+        summed, ctrl, nbytes = fs.allreduce_buckets(buckets, joined, self._hl_ps())
+        checks = [fs.check_round_kinds(ctrl, n, gradient_round=False)]
+        checks += fs.check_finite(summed, step)
+        if self._hl_algorithm == "slowmo":
+            checks.append(tf.debugging.Assert(lr > 0, [
+                "horovod_local: SlowMo divides the pseudo-gradient by the lr; got lr =", lr]))
+        need_dev = self._hl_gs.needs_deviation
+        deviation = tf.constant(0.0, tf.float64)
+        pseudo = []
+        with tf.control_dependencies([c for c in checks if c is not None]):
+            for b, buf in zip(buckets, summed):
+                avg = buf * tf.constant(1.0 / n, b.dtype)  # not tf.cast: that rounds via float32
+                xs, off = fs.split(avg, b.params, 0)
+                for k, (v, xa) in enumerate(zip(b.params, xs)):
+                    if need_dev:
+                        d = tf.cast(xa, tf.float64) - tf.cast(tf.convert_to_tensor(v), tf.float64)
+                        deviation = deviation + tf.reduce_sum(d * d)
+                    if self._hl_algorithm == "local_sgd":
+                        v.assign(xa)
+                    elif self._hl_algorithm == "slowmo":
+                        x0, u = b.anchors[k], b.momenta[k]
+                        wdt = x0.dtype
+                        lr_w = tf.cast(lr, wdt)
+                        x0v = tf.convert_to_tensor(x0)
+                        u_new = self._hl_slowmo_momentum * tf.convert_to_tensor(u) \
+                            + (x0v - tf.cast(xa, wdt)) / lr_w
+                        x0_new = x0v - self._hl_slowmo_lr * lr_w * u_new
+                        u.assign(u_new)
+                        x0.assign(x0_new)
+                        v.assign(tf.cast(x0_new, v.dtype))
+                    else:  # outer optimizer: pseudo-gradient x0 - x_avg
+                        x0 = b.anchors[k]
+                        pseudo.append((tf.convert_to_tensor(x0) - tf.cast(xa, x0.dtype), x0, v))
+                if b.states:
+                    parts, off = fs.split(avg, b.states, off)
+                    for s, p in zip(b.states, parts):
+                        s.assign(p)
+                if b.accumulators:
+                    parts, off = fs.split(avg, b.accumulators, off)
+                    for a2, b2, p in zip(b.accumulators, b.denominators, parts):
+                        a2.assign(p)
+                        b2.assign(p)
+        if pseudo:
+            self._hl_outer.apply([g for g, _, _ in pseudo], [a for _, a, _ in pseudo])
+            for _, a, v in pseudo:
+                v.assign(tf.cast(tf.convert_to_tensor(a), v.dtype))
+        if self._hl_state_policy == "reset":
+            for slots in self._hl_slots:
+                for s in slots:
+                    s.assign(tf.zeros(s.shape, s.dtype))
+        if self._hl_adaalter:
+            self.inner_optimizer.reset_local_steps()
+        dev_mean = None
+        if need_dev:
+            dev_mean = fs.allreduce_mean_scalar(deviation, n, self._hl_ps())
+            self._hl_last_deviation.assign(dev_mean)
+        local_steps = tf.convert_to_tensor(self._hl_local_steps)
+        self._hl_gs.on_sync(rounds=tf.convert_to_tensor(self._hl_syncs), step=step, lr=lr,
+                            local_steps=local_steps, deviation=dev_mean)
+        self._hl_syncs.assign_add(1)
+        self._hl_local_steps.assign(0)
+        self._hl_bytes_sent.assign_add(nbytes)
+        now = tf.timestamp()
+        self._hl_sync_seconds.assign_add(now - t0)
+        self._hl_round_start.assign(now)
+        return ctrl
+
+    # ---- public API ------------------------------------------------------------------------
+    def _hl_require_built(self, what: str) -> None:
+        if not self.built:
+            raise RuntimeError(f"horovod_local: {what}() before the optimizer was built (call "
+                               f"optimizer.build(model.trainable_variables) or train first)")
+
+    def synchronize(self) -> None:
+        """Average the model (and synced state) over the ranks now. Collective: every rank of
+        the process set calls it. Used with ``period=math.inf`` and at the end of training.
+        Callable eagerly or inside a ``tf.function``."""
+        self._hl_require_built("synchronize")
+        if tf.executing_eagerly() and int(self._iterations.numpy()) < self._hl_warmup_steps:
+            raise RuntimeError("horovod_local: synchronize() during warm-up; replicas are "
+                               "already identical while gradients are allreduced every step")
+        self._hl_fn("sync", self._hl_sync_round)(tf.constant(0.0, tf.float64),
+                                                 self._hl_current_lr())
+
+    def join(self) -> None:
+        """This rank has no more data: keep serving the other ranks' sync rounds until every
+        rank has joined; then all ranks hold the same averaged model. Collective over the epoch
+        (every rank calls it once its data ends). Eager only (``FinalSyncCallback`` calls it)."""
+        self._hl_require_built("join")
+        if not tf.executing_eagerly():
+            raise RuntimeError("horovod_local: join() loops in Python; call it eagerly")
+        n = self._hl_size()
+        fn = self._hl_fn("sync", self._hl_sync_round)
+        while True:
+            joined = fn(tf.constant(1.0, tf.float64), self._hl_current_lr())
+            if int(round(float(joined))) >= n:
+                break
+
+    def sync_stats(self) -> SyncStats:
+        """This rank's sync statistics (syncs, period, bytes, time in sync), read from the
+        optimizer's variables."""
+        if not self.built:
+            return SyncStats(period=self._hl_schedule.period)
+        return SyncStats(
+            steps=int(self._iterations.numpy()),
+            warmup_steps_done=int(self._hl_warmup_done.numpy()),
+            syncs=int(self._hl_syncs.numpy()),
+            period=float(self._hl_gs.period.numpy()),
+            local_steps=int(self._hl_local_steps.numpy()),
+            bytes_sent=int(self._hl_bytes_sent.numpy()),
+            bytes_per_step_allreduce=int(self._hl_bytes_per_step.numpy()),
+            sync_seconds=float(self._hl_sync_seconds.numpy()),
+            last_deviation=float(self._hl_last_deviation.numpy()))
+
+    @property
+    def schedule(self) -> PeriodSchedule:
+        """The period schedule, with its state (rounds, ADPSGD's period / C2 / samples) read
+        from the optimizer's variables."""
+        if not self.built:
+            return self._hl_schedule
+        return self._hl_gs.refresh_python(int(self._hl_syncs.numpy()))
+
+    @property
+    def outer_optimizer(self):
+        """The outer optimizer (built at the first ``build``), or None."""
+        return self._hl_outer
+
+    @property
+    def anchors(self):
+        """SlowMo / outer-optimizer anchors x0 (one variable per trainable variable), or None."""
+        return self._hl_anchors
+
+    # ---- serialisation ---------------------------------------------------------------------
+    def get_config(self):
+        outer = None
+        if self._hl_outer is not None:
+            outer = serialize_keras_object(self._hl_outer)
+        elif self._hl_outer_arg is not None:
+            outer = serialize_keras_object(self._hl_outer_arg)  # a registered factory
+        return {
+            "name": self.name,
+            "optimizer": serialize_keras_object(self.inner_optimizer),
+            "period": schedule_to_config(self._hl_schedule),
+            "warmup_steps": self._hl_warmup_steps,
+            "state_policy": self._hl_state_policy,
+            "algorithm": "local_sgd" if self._hl_algorithm == "outer" else self._hl_algorithm,
+            "slowmo_lr": self._hl_slowmo_lr,
+            "slowmo_momentum": self._hl_slowmo_momentum,
+            "outer_optimizer": outer,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["optimizer"] = deserialize_keras_object(config["optimizer"],
+                                                       custom_objects=custom_objects)
+        config["period"] = schedule_from_config(config["period"])
+        if config.get("outer_optimizer") is not None:
+            config["outer_optimizer"] = deserialize_keras_object(config["outer_optimizer"],
+                                                                 custom_objects=custom_objects)
+        return cls(**config)

@@ -1,0 +1,346 @@
+"""Runs a list of Keras configs on this rank (model.fit on the fixtures' linear model, float64).
+
+Config format = tests/reference.py's (inner / schedule / warmup_steps / state_policy /
+algorithm / steps), plus ``kind``: ``fit`` (default), ``ctl`` (custom training loop),
+``callbacks``, ``save_load``, ``time_budget``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np  # noqa: E402
+
+import fixtures  # noqa: E402
+from _common import load_payload, main_guard, save_result  # noqa: E402
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+def make_model(perturb: float = 0.0):
+    keras = _keras()
+    dense = keras.layers.Dense(fixtures.OUT_FEATURES, dtype="float64", name="linear")
+    model = keras.Sequential([keras.Input((fixtures.IN_FEATURES,), dtype="float64"), dense])
+    p = fixtures.init_params()
+    dense.kernel.assign(p["weight"].T + perturb)
+    dense.bias.assign(p["bias"] + perturb)
+    return model, dense
+
+
+def params_of(dense) -> dict:
+    return {"weight": np.array(dense.kernel.numpy()).T.copy(), "bias": np.array(dense.bias.numpy())}
+
+
+def loss_fn(y, p):
+    import tensorflow as tf
+
+    # per sample 0.5 * sum over outputs; Keras averages over the batch -> 0.5*sum/BATCH
+    return 0.5 * tf.reduce_sum(tf.square(p - y), axis=-1)
+
+
+def data(rank: int, steps: int, first: int = 1):
+    xs, ys = zip(*(fixtures.make_batch(rank, t) for t in range(first, first + steps)))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def make_lr(spec: dict):
+    keras = _keras()
+    fn = spec.get("lr_schedule")
+    if fn is None:
+        return float(spec["lr"])
+    if fn is fixtures.step_decay:
+        import tensorflow as tf
+
+        base = float(spec["lr"])
+
+        class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
+            def __call__(self, step):  # step = optimizer iterations before the step (0-based)
+                return tf.where(step < 30, tf.constant(base, tf.float64),
+                                tf.constant(base * 0.5, tf.float64))
+
+            def get_config(self):
+                return {}
+
+        return StepDecay()
+    raise ValueError(fn)
+
+
+def make_inner(spec: dict):
+    keras = _keras()
+    from horovod_local.tensorflow.keras import LocalAdaAlter
+
+    lr = make_lr(spec)
+    if spec["name"] == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=float(spec.get("momentum", 0.0)))
+    if spec["name"] == "adam":
+        b1, b2 = spec["betas"]
+        return keras.optimizers.Adam(learning_rate=lr, beta_1=b1, beta_2=b2,
+                                     epsilon=float(spec["eps"]))
+    if spec["name"] == "adaalter":
+        return LocalAdaAlter(learning_rate=lr, epsilon=spec["eps"],
+                             initial_accumulator_value=spec["initial_accumulator_value"],
+                             lr_warmup_steps=spec.get("lr_warmup_steps", 0))
+    raise ValueError(spec["name"])
+
+
+def make_schedule(spec: dict):
+    import horovod_local as hl
+
+    kind = spec["kind"]
+    if kind == "constant":
+        return math.inf if spec["period"] == math.inf else spec["period"]
+    if kind == "increasing":
+        return hl.Increasing(spec["initial_period"], spec["factor"], spec["rounds_per_stage"],
+                             spec.get("max_period"))
+    if kind == "adaptive":
+        return hl.Adaptive(spec["initial_period"], spec["sampling_steps"], spec["lower"],
+                           spec["upper"], spec["min_period"], spec.get("max_period"))
+    if kind == "time_budget":
+        return hl.TimeBudget(spec["seconds"])
+    raise ValueError(kind)
+
+
+def make_optimizer(cfg: dict):
+    keras = _keras()
+    from horovod_local.tensorflow.keras import DistributedLocalOptimizer
+
+    kw = dict(period=make_schedule(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
+              state_policy=cfg.get("state_policy", "keep"))
+    alg = cfg.get("algorithm") or {"name": "local_sgd"}
+    if alg["name"] == "slowmo":
+        kw.update(algorithm="slowmo", slowmo_lr=alg["alpha"], slowmo_momentum=alg["beta"])
+    elif alg["name"] == "outer_sgd":
+        if cfg.get("outer_factory"):
+            kw["outer_optimizer"] = lambda anchors: keras.optimizers.SGD(
+                alg["lr"], momentum=alg["momentum"], nesterov=alg["nesterov"])
+        else:
+            kw["outer_optimizer"] = keras.optimizers.SGD(alg["lr"], momentum=alg["momentum"],
+                                                         nesterov=alg["nesterov"])
+    return DistributedLocalOptimizer(make_inner(cfg["inner"]), **kw)
+
+
+class Recorder:
+    """Per-batch record of sync rounds (as the torch worker records them)."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.sync_steps, self.periods, self.rounds, self.lrs = [], [], [], []
+        self.t = 0
+        self.last_sync_t = 0
+
+    def callback(self, sleep: float = 0.0):
+        keras = _keras()
+        rec = self
+
+        class _CB(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                if not rec.opt.built:  # Keras builds it lazily in the first traced step
+                    rec.opt.build(self.model.trainable_variables)
+                rec.prev_syncs = int(rec.opt._hl_syncs.numpy())
+                rec.prev_period = float(rec.opt._hl_gs.period.numpy())
+
+            def on_train_batch_begin(self, batch, logs=None):
+                rec.lrs.append(float(np.asarray(rec.opt.learning_rate)))
+
+            def on_train_batch_end(self, batch, logs=None):
+                rec.t += 1
+                if sleep:
+                    time.sleep(sleep)
+                s = int(rec.opt._hl_syncs.numpy())
+                if s > rec.prev_syncs:
+                    rec.sync_steps.append(rec.t)
+                    rec.periods.append(rec.prev_period)
+                    rec.rounds.append(rec.t - rec.last_sync_t - rec.opt._hl_warmup_steps
+                                      * (rec.last_sync_t == 0))
+                    rec.last_sync_t = rec.t
+                rec.prev_syncs = s
+                rec.prev_period = float(rec.opt._hl_gs.period.numpy())
+
+        return _CB()
+
+
+def result_of(opt, dense, rec: Recorder, **extra) -> dict:
+    out = {"params": params_of(dense), "sync_steps": rec.sync_steps, "periods": rec.periods,
+           "rounds": rec.rounds, "stats": opt.sync_stats().as_dict(),
+           "schedule_state": opt.schedule.state_dict(), "lrs": rec.lrs}
+    out.update(extra)
+    return out
+
+
+def run_fit(cfg: dict, rank: int) -> dict:
+    model, dense = make_model()
+    opt = make_optimizer(cfg)
+    model.compile(optimizer=opt, loss=loss_fn, jit_compile=False)
+    x, y = data(rank, cfg["steps"])
+    rec = Recorder(opt)
+    model.fit(x, y, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[rec.callback()])
+    if cfg.get("final_sync"):
+        opt.synchronize()
+    return result_of(opt, dense, rec)
+
+
+def run_time_budget(cfg: dict, rank: int) -> dict:
+    from horovod_local.tensorflow.keras import FinalSyncCallback
+
+    model, dense = make_model()
+    opt = make_optimizer(cfg)
+    model.compile(optimizer=opt, loss=loss_fn, jit_compile=False)
+    x, y = data(rank, cfg["steps"])
+    rec = Recorder(opt)
+    model.fit(x, y, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[rec.callback(sleep=cfg["sleep_per_step"][rank]), FinalSyncCallback()])
+    return result_of(opt, dense, rec)
+
+
+def run_ctl(cfg: dict, rank: int) -> dict:
+    import tensorflow as tf
+
+    model, dense = make_model()
+    opt = make_optimizer(cfg)
+    opt.build(model.trainable_variables)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(loss_fn(y, model(x, training=True)))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    sync_steps = []
+    for t in range(1, cfg["steps"] + 1):
+        x, y = fixtures.make_batch(rank, t)
+        before = int(opt._hl_syncs.numpy())
+        train_step(tf.constant(x), tf.constant(y))
+        if int(opt._hl_syncs.numpy()) > before:
+            sync_steps.append(t)
+    if cfg.get("final_sync"):
+        opt.synchronize()
+    rec = Recorder(opt)
+    rec.sync_steps = sync_steps
+    return result_of(opt, dense, rec, traces=train_step.experimental_get_tracing_count())
+
+
+def run_callbacks(cfg: dict, rank: int) -> dict:
+    keras = _keras()
+    import tensorflow as tf
+    from horovod_local.tensorflow import keras as hlk
+
+    model, dense = make_model(perturb=0.01 * rank)  # ranks start apart: the broadcast fixes it
+    opt = make_optimizer(cfg)
+    model.compile(optimizer=opt, loss=loss_fn, metrics=["mae"], jit_compile=False)
+    spe, epochs = cfg["steps_per_epoch"], cfg["epochs"]
+    x, y = data(rank, spe * epochs)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(fixtures.BATCH)
+    rec = Recorder(opt)
+    seen = {"begin": None, "raw": [], "avg": []}
+
+    class AtBegin(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen["begin"] = params_of(dense)
+
+    class Raw(keras.callbacks.Callback):
+        def __init__(self, key):
+            super().__init__()
+            self.key = key
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen[self.key].append({k: float(v) for k, v in logs.items()})
+
+    callbacks = [hlk.BroadcastGlobalVariablesCallback(0), AtBegin(),
+                 hlk.LearningRateWarmupCallback(cfg["inner"]["lr"],
+                                                warmup_steps=cfg["lr_warmup_batches"]),
+                 rec.callback(), Raw("raw"), hlk.MetricAverageCallback(), Raw("avg"),
+                 hlk.SyncStatsLogger(verbose=0), hlk.FinalSyncCallback()]
+    hist = model.fit(ds, epochs=epochs, steps_per_epoch=spe, verbose=0, callbacks=callbacks)
+    return result_of(opt, dense, rec, begin=seen["begin"], raw=seen["raw"], avg=seen["avg"],
+                     history={k: [float(v) for v in vs] for k, vs in hist.history.items()})
+
+
+def run_save_load(cfg: dict, rank: int, out_dir: str) -> dict:
+    keras = _keras()
+    import horovod_local.tensorflow.keras  # noqa: F401  (registers the custom objects)
+
+    model, dense = make_model()
+    opt = make_optimizer(cfg)
+    model.compile(optimizer=opt, loss=loss_fn, jit_compile=False)
+    x, y = data(rank, cfg["steps"])
+    model.fit(x, y, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0)
+    path = os.path.join(out_dir, f"model_rank{rank}.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path, custom_objects={"loss_fn": loss_fn})
+    lopt = loaded.optimizer
+    out = {
+        "type": type(lopt).__name__, "inner_type": type(lopt.inner_optimizer).__name__,
+        "config_equal": _strip_names(opt.get_config()) == _strip_names(lopt.get_config()),
+        "n_vars": (len(opt.variables), len(lopt.variables)),
+        # every saved variable (all but the wall-clock start of the current round)
+        "opt_vars": [np.array(v.numpy()) for v in opt._hl_saved_variables()],
+        "loaded_opt_vars": [np.array(v.numpy()) for v in lopt._hl_saved_variables()],
+        "weights": [np.array(w) for w in model.get_weights()],
+        "loaded_weights": [np.array(w) for w in loaded.get_weights()],
+        "stats": opt.sync_stats().as_dict(), "loaded_stats": lopt.sync_stats().as_dict(),
+    }
+    # both go on training (every rank, the same collectives in the same order): exact resume
+    x2, y2 = data(rank, cfg["more_steps"], first=cfg["steps"] + 1)
+    model.fit(x2, y2, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0)
+    loaded.fit(x2, y2, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0)
+    out["continued"] = params_of(dense)
+    lw = loaded.get_weights()
+    out["loaded_continued"] = {"weight": np.array(lw[0]).T.copy(), "bias": np.array(lw[1])}
+    out["continued_stats"] = (opt.sync_stats().as_dict(), lopt.sync_stats().as_dict())
+    return out
+
+
+def _strip_names(c):
+    if isinstance(c, dict):
+        return {k: _strip_names(v) for k, v in c.items() if k != "name"}
+    if isinstance(c, list):
+        return [_strip_names(v) for v in c]
+    return c
+
+
+def main():
+    out_dir, configs = load_payload()
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(2)
+    hvd.init()
+    keras = _keras()
+    keras.config.set_floatx("float64")
+    rank = hvd.rank()
+    results, timings = {}, {}
+    for cfg in configs:
+        t0 = time.perf_counter()
+        kind = cfg.get("kind", "fit")
+        if kind == "fit":
+            results[cfg["id"]] = run_fit(cfg, rank)
+        elif kind == "ctl":
+            results[cfg["id"]] = run_ctl(cfg, rank)
+        elif kind == "callbacks":
+            results[cfg["id"]] = run_callbacks(cfg, rank)
+        elif kind == "save_load":
+            results[cfg["id"]] = run_save_load(cfg, rank, out_dir)
+        elif kind == "time_budget":
+            results[cfg["id"]] = run_time_budget(cfg, rank)
+        else:
+            raise ValueError(kind)
+        timings[cfg["id"]] = time.perf_counter() - t0
+        keras.backend.clear_session()
+    results["_timings"] = timings
+    save_result(out_dir, rank, results)
+
+
+if __name__ == "__main__":
+    main_guard(main)
