@@ -42,3 +42,23 @@ def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray):
 def step_decay(epoch: int) -> float:
     """An lr multiplier for LambdaLR tests (picklable, module-level): halves at step 30."""
     return 1.0 if epoch < 30 else 0.5
+
+
+def schedule_from_spec(spec: dict):
+    """The reference's schedule dict (tests/reference.py) -> the ``period`` argument."""
+    import math
+
+    import horovod_local as hl
+
+    kind = spec["kind"]
+    if kind == "constant":
+        return math.inf if spec["period"] == math.inf else spec["period"]
+    if kind == "increasing":
+        return hl.Increasing(spec["initial_period"], spec["factor"], spec["rounds_per_stage"],
+                             spec.get("max_period"))
+    if kind == "adaptive":
+        return hl.Adaptive(spec["initial_period"], spec["sampling_steps"], spec["lower"],
+                           spec["upper"], spec["min_period"], spec.get("max_period"))
+    if kind == "time_budget":
+        return hl.TimeBudget(spec["seconds"])
+    raise ValueError(f"unknown schedule kind {kind!r}")

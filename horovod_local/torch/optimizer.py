@@ -1,13 +1,12 @@
 """``DistributedLocalOptimizer``: Horovod's DistributedOptimizer, but local steps + periodic syncs."""
 from __future__ import annotations
 
-import math
-import numbers
 import time
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
+from horovod_local.config import NONFINITE_POLICIES, validate_sync_arguments
 from horovod_local.schedules import PeriodSchedule, make_schedule
 from horovod_local.stats import SyncStats
 from horovod_local.torch.adaalter import LocalAdaAlter
@@ -15,8 +14,6 @@ from horovod_local.torch.fused_sync import GRADIENT_ROUND, Bucket, FusedSync, ch
 
 __all__ = ["DistributedLocalOptimizer"]
 
-STATE_POLICIES = ("keep", "reset", "average")
-ALGORITHMS = ("local_sgd", "slowmo")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -79,7 +76,6 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
     def _hl_check_replicas(self) -> None:
         """Fail on every rank, naming the first difference, if ranks were built differently
         (instead of a hang or a silent average of unrelated tensors at the first sync)."""
-        import horovod.torch as hvd
 
         if self._hl_size == 1:
             return
@@ -519,25 +515,12 @@ def DistributedLocalOptimizer(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if "_hl_process_set" in optimizer.__dict__:
         raise ValueError("optimizer is already a DistributedLocalOptimizer")
-    make_schedule(period)  # validates
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) \
-            or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-    if state_policy not in STATE_POLICIES:
-        raise ValueError(f"state_policy must be one of {STATE_POLICIES}, got {state_policy!r}")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    for name, v in (("slowmo_lr", slowmo_lr), ("slowmo_momentum", slowmo_momentum)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if not slowmo_lr > 0:
-        raise ValueError(f"slowmo_lr must be > 0, got {slowmo_lr!r}")
-    if not 0 <= slowmo_momentum < 1:
-        raise ValueError(f"slowmo_momentum must be in [0, 1), got {slowmo_momentum!r}")
+    validate_sync_arguments(period, warmup_steps, state_policy, algorithm, slowmo_lr,
+                            slowmo_momentum)
     if outer_optimizer is not None and not callable(outer_optimizer):
         raise ValueError("outer_optimizer must be a callable anchors -> torch.optim.Optimizer")
-    if nonfinite not in ("raise", "skip"):
-        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     if outer_optimizer is not None and algorithm != "local_sgd":
         raise ValueError("pass either algorithm='slowmo' or outer_optimizer, not both")
 

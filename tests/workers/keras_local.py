@@ -6,7 +6,6 @@ algorithm / steps), plus ``kind``: ``fit`` (default), ``ctl`` (custom training l
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -91,28 +90,11 @@ def make_inner(spec: dict):
     raise ValueError(spec["name"])
 
 
-def make_schedule(spec: dict):
-    import horovod_local as hl
-
-    kind = spec["kind"]
-    if kind == "constant":
-        return math.inf if spec["period"] == math.inf else spec["period"]
-    if kind == "increasing":
-        return hl.Increasing(spec["initial_period"], spec["factor"], spec["rounds_per_stage"],
-                             spec.get("max_period"))
-    if kind == "adaptive":
-        return hl.Adaptive(spec["initial_period"], spec["sampling_steps"], spec["lower"],
-                           spec["upper"], spec["min_period"], spec.get("max_period"))
-    if kind == "time_budget":
-        return hl.TimeBudget(spec["seconds"])
-    raise ValueError(kind)
-
-
 def make_optimizer(cfg: dict):
     keras = _keras()
     from horovod_local.tensorflow.keras import DistributedLocalOptimizer
 
-    kw = dict(period=make_schedule(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
+    kw = dict(period=fixtures.schedule_from_spec(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
               state_policy=cfg.get("state_policy", "keep"))
     alg = cfg.get("algorithm") or {"name": "local_sgd"}
     if alg["name"] == "slowmo":

@@ -1,13 +1,11 @@
 """Runs a list of optimizer configs on this rank; config format = tests/reference.py's."""
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import fixtures  # noqa: E402
@@ -23,23 +21,6 @@ class Linear(torch.nn.Module):
 
     def forward(self, x):
         return x @ self.weight.T + self.bias
-
-
-def make_schedule(spec: dict):
-    import horovod_local as hl
-
-    kind = spec["kind"]
-    if kind == "constant":
-        return math.inf if spec["period"] == math.inf else spec["period"]
-    if kind == "increasing":
-        return hl.Increasing(spec["initial_period"], spec["factor"], spec["rounds_per_stage"],
-                             spec.get("max_period"))
-    if kind == "adaptive":
-        return hl.Adaptive(spec["initial_period"], spec["sampling_steps"], spec["lower"],
-                           spec["upper"], spec["min_period"], spec.get("max_period"))
-    if kind == "time_budget":
-        return hl.TimeBudget(spec["seconds"])
-    raise ValueError(kind)
 
 
 def make_inner(spec: dict, params):
@@ -67,7 +48,7 @@ def run_config(cfg: dict) -> dict:
         opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(),
                                        op=hvd.Average)
     else:
-        kw = dict(period=make_schedule(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
+        kw = dict(period=fixtures.schedule_from_spec(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
                   state_policy=cfg.get("state_policy", "keep"))
         alg = cfg.get("algorithm") or {"name": "local_sgd"}
         if alg["name"] == "slowmo":

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 import fixtures  # noqa: E402
 from _common import load_payload, main_guard, save_result  # noqa: E402
-from torch_local import Linear, make_inner, make_schedule  # noqa: E402
+from torch_local import Linear, make_inner  # noqa: E402
 
 
 def build(cfg: dict):
@@ -19,7 +19,7 @@ def build(cfg: dict):
 
     model = Linear()
     inner = make_inner(cfg["inner"], model.parameters())
-    kw = dict(period=make_schedule(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
+    kw = dict(period=fixtures.schedule_from_spec(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
               state_policy=cfg.get("state_policy", "keep"), nonfinite=cfg.get("nonfinite", "raise"))
     alg = cfg.get("algorithm") or {"name": "local_sgd"}
     if alg["name"] == "slowmo":

@@ -3,7 +3,6 @@ inside the compiled train step."""
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from typing import Any, Callable, Optional, Union
 
@@ -12,7 +11,8 @@ import tensorflow as tf
 from keras import initializers
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
-from horovod_local.schedules import PeriodSchedule, make_schedule
+from horovod_local.config import validate_sync_arguments
+from horovod_local.schedules import PeriodSchedule
 from horovod_local.stats import SyncStats
 from horovod_local.tensorflow import fused_sync as fs
 from horovod_local.tensorflow.graph_schedule import GraphSchedule, schedule_from_config, \
@@ -21,8 +21,6 @@ from horovod_local.tensorflow.keras.adaalter import LocalAdaAlter
 
 __all__ = ["DistributedLocalOptimizer"]
 
-STATE_POLICIES = ("keep", "reset", "average")
-ALGORITHMS = ("local_sgd", "slowmo")
 _FLOAT = ("float16", "bfloat16", "float32", "float64")
 # attributes of Keras optimizers that hold per-variable lists which are NOT optimizer state
 _NOT_STATE = {"_trainable_variables", "_variables", "_accumulated_gradients",
@@ -119,21 +117,8 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         if optimizer.gradient_accumulation_steps:
             raise ValueError("inner optimizers with gradient_accumulation_steps are not "
                              "supported (the step counters would count micro-steps)")
-        schedule = make_schedule(period)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) \
-                or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if state_policy not in STATE_POLICIES:
-            raise ValueError(f"state_policy must be one of {STATE_POLICIES}, got {state_policy!r}")
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-        for nm, v in (("slowmo_lr", slowmo_lr), ("slowmo_momentum", slowmo_momentum)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise ValueError(f"{nm} must be a finite number, got {v!r}")
-        if not slowmo_lr > 0:
-            raise ValueError(f"slowmo_lr must be > 0, got {slowmo_lr!r}")
-        if not 0 <= slowmo_momentum < 1:
-            raise ValueError(f"slowmo_momentum must be in [0, 1), got {slowmo_momentum!r}")
+        schedule = validate_sync_arguments(period, warmup_steps, state_policy, algorithm,
+                                           slowmo_lr, slowmo_momentum)
         if outer_optimizer is not None:
             if not (isinstance(outer_optimizer, keras.optimizers.Optimizer)
                     or callable(outer_optimizer)):
