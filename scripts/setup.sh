@@ -124,7 +124,7 @@ fi
 # Rebuilt only when setup.py or csrc/ changed (pip would recompile the extension every time).
 EXT_STAMP="$(cd "$ROOT" && cat setup.py $(find csrc -type f | sort) | sha1sum | cut -c1-12)"
 if [ "$(cat "$VENV/.hl-ext" 2>/dev/null)" != "$EXT_STAMP:$ROOT" ] || \
-   ! "$PY" -c "import horovod_local._C" 2>/dev/null; then
+   ! "$PY" -c "import torch, horovod_local._C" 2>/dev/null; then
   step "horovod-local (editable install, C++ extension)"
   rm -f "$VENV/.hl-ready"
   "${PIP[@]}" install --no-build-isolation --no-deps -e "$ROOT" >/dev/null
