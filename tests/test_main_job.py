@@ -1,0 +1,86 @@
+"""Smoke test of the main job's driver (benchmarks/compare.py) under a real horovodrun:
+``--smoke`` = digits, Horovod's DistributedOptimizer vs local SGD H=4, 16 steps, uncapped."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_compare_smoke(tmp_path):
+    out = tmp_path / "res"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--smoke",
+                           "--out", str(out)], cwd=str(ROOT), env=env, capture_output=True,
+                          text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for name in ("results.json", "results.md", "digits_metric.png", "throughput_vs_H.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert res["bandwidth_cap"]["applied"] is False  # smoke runs uncapped
+    (task,) = res["tasks"]
+    assert task["task"] == "digits" and task["complete"]
+    runs = {r["method"]: r for r in task["runs"]}
+    hv, h4 = runs["Horovod"], runs["local SGD H=4"]
+    steps = task["steps"]
+    for r in (hv, h4):
+        assert r["steps"] == steps
+        assert math.isfinite(r["final_metric"]) and 0.0 <= r["final_metric"] <= 1.0
+        assert r["final_metric"] > 0.5, r["final_metric"]  # 16 steps already learn digits
+        assert r["train_wall_s"] > 0 and r["throughput_samples_s"] > 0
+        assert len(r["curve"]) == steps // task["eval_every"] + 1
+        assert r["comm_s"] >= 0 and r["comm_fraction"] <= 1.0
+    assert hv["syncs"] == steps and hv["bytes_sent"] == hv["grad_bytes"] * steps
+    assert h4["syncs"] == steps // 4
+    assert h4["bytes_sent"] < hv["bytes_sent"]
+    # one sync = parameters + one control element, 4 bytes each (float32)
+    assert h4["bytes_sent"] == h4["syncs"] * (h4["grad_bytes"] + 4)
+    assert h4["sync_stats"]["bytes_per_step_allreduce"] == hv["bytes_sent"]
+    assert "| Horovod |" in (out / "results.md").read_text()
+    assert "Horovod's throughput" in proc.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("ip"),
+                    reason="needs root, tc and ip")
+def test_bandwidth_cap_netns_is_removed():
+    """The cap goes on a private namespace's lo (never the host's) and is always taken off."""
+    import compare
+
+    host_before = subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True,
+                                 text=True).stdout
+    cap = compare.BandwidthCap("1gbit", 1e9, "netns")
+    try:
+        st = cap.apply()
+        if not st["applied"]:
+            pytest.skip(f"network namespaces unavailable here: {st['message']}")
+        name = cap.netns
+        shown = subprocess.run(["ip", "netns", "exec", name, "tc", "qdisc", "show", "dev", "lo"],
+                               capture_output=True, text=True).stdout
+        assert "tbf" in shown and "1Gbit" in shown
+        assert cap.prefix() == ["ip", "netns", "exec", name]
+    finally:
+        cap.remove()
+    assert name not in subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                      text=True).stdout
+    assert subprocess.run(["tc", "qdisc", "show", "dev", "lo"], capture_output=True,
+                          text=True).stdout == host_before
+
+
+def test_parse_rate():
+    import compare
+
+    assert compare.parse_rate("none") == (None, None)
+    assert compare.parse_rate("1gbit") == ("1gbit", 1e9)
+    assert compare.parse_rate("500mbit") == ("500mbit", 5e8)
+    with pytest.raises(SystemExit):
+        compare.parse_rate("fast")
