@@ -187,3 +187,44 @@ def test_fuzz_schedules(kind, a, b, c):
         s.on_sync(step=step, lr=0.1, local_steps=step, deviation=0.5)
     assert s.period >= 1 or math.isnan(s.period)
     s.load_state_dict(s.state_dict())
+
+
+def test_sparse_gradient_in_warmup_names_the_parameter():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = hlt.DistributedLocalOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1),
+                                        emb.named_parameters(), period=2, warmup_steps=1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="'weight' has a sparse gradient"):
+        opt.step()
+
+
+def test_sparse_gradients_in_local_steps_are_the_inner_optimizers_business():
+    """After warm-up the inner optimizer takes sparse gradients as it always does; syncs average
+    the (dense) parameters."""
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = hlt.DistributedLocalOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1),
+                                        emb.named_parameters(), period=2)
+    before = emb.weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        emb(torch.tensor([1, 2])).sum().backward()
+        opt.step()
+    assert opt.sync_stats().syncs == 1
+    changed = (emb.weight.detach() != before).any(dim=1)
+    assert changed.tolist() == [False, True, True] + [False] * 7
+
+
+def test_parameter_without_gradient():
+    """Warm-up: a missing gradient is allreduced as zeros (as Horovod does), so an SGD step
+    leaves it unchanged; local steps: the inner optimizer skips it; syncs still average it."""
+    model = _model()
+    opt = hlt.DistributedLocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                        model.named_parameters(), period=1, warmup_steps=1)
+    second = [p.detach().clone() for p in model[1].parameters()]
+    for _ in range(3):
+        opt.zero_grad()
+        model[0](torch.ones(2, 4)).sum().backward()  # model[1] gets no gradient
+        opt.step()
+    for p, q in zip(model[1].parameters(), second):
+        assert torch.equal(p.detach(), q)
+    assert opt.sync_stats().syncs == 2 and opt.sync_stats().warmup_steps_done == 1
