@@ -52,6 +52,13 @@ def test_nan_at_sync_raises_everywhere_and_writes_nothing(n, controller):
 
 
 @pytest.mark.parametrize("n,controller", JOBS)
+def test_join_during_warmup_fails_on_every_rank(n, controller):
+    for res in job(n, controller):
+        assert res["round_kinds"].startswith("RuntimeError"), res["round_kinds"]
+        assert "different kinds of rounds" in res["round_kinds"]
+
+
+@pytest.mark.parametrize("n,controller", JOBS)
 def test_nonfinite_skip_restores_last_good_average_and_continues(n, controller):
     ranks = job(n, controller)
     for res in ranks:

@@ -26,15 +26,11 @@ import tensorflow as tf
 __all__ = ["GRADIENT_ROUND", "Bucket", "bucket_for", "assign_control", "allreduce_buckets",
            "check_round_kinds", "check_finite", "broadcast_variables", "allreduce_mean_values"]
 
-_SYNC_NAME = "horovod_local.sync.{}"
-_DEVIATION_NAME = "horovod_local.deviation"
-# The control element (1.0 if the sending rank has joined) goes into the widest dtype's buffer.
-_CONTROL_PREFERENCE = [tf.float64, tf.float32, tf.bfloat16, tf.float16]
-_FLOAT_DTYPES = frozenset(_CONTROL_PREFERENCE)
+from horovod_local.sync_protocol import (  # noqa: E402
+    DEVIATION_NAME as _DEVIATION_NAME, GRADIENT_ROUND, ROUND_KIND_MISMATCH,
+    SYNC_NAME as _SYNC_NAME, control_bucket_index, round_kinds_agree)
 
-# Control value of a warm-up (gradient) round, against 0/1 (joined) in a parameter round: the
-# sums tell the two kinds apart, so mixing them fails loudly (as the PyTorch front end does).
-GRADIENT_ROUND = 1024.0
+_FLOAT_DTYPES = frozenset([tf.float64, tf.float32, tf.bfloat16, tf.float16])
 
 
 def _hvd():
@@ -89,12 +85,9 @@ def bucket_for(buckets: dict, dtype) -> Bucket:
 
 
 def assign_control(buckets: list[Bucket]) -> None:
-    present = {b.dtype for b in buckets}
-    for dt in _CONTROL_PREFERENCE:
-        if dt in present:
-            next(b for b in buckets if b.dtype == dt).has_control = True
-            return
-    raise TypeError("horovod_local: nothing to sync (no floating-point variables)")
+    if not buckets:
+        raise TypeError("horovod_local: nothing to sync (no floating-point variables)")
+    buckets[control_bucket_index([tf.as_dtype(b.dtype).name for b in buckets])].has_control = True
 
 
 def allreduce_buckets(buckets: list[Bucket], control, process_set) -> tuple[list, tf.Tensor, int]:
@@ -131,15 +124,8 @@ def split(buf: tf.Tensor, tensors: list, offset: int) -> tuple[list, int]:
 
 def check_round_kinds(control_sum: tf.Tensor, n: int, gradient_round: bool):
     """An op that fails when ranks are in different kinds of rounds (see GRADIENT_ROUND)."""
-    if gradient_round:
-        ok = tf.abs(control_sum - n * GRADIENT_ROUND) < 0.5
-    else:
-        ok = control_sum < GRADIENT_ROUND - 0.5
-    return tf.debugging.Assert(ok, [
-        "horovod_local: ranks are in different kinds of rounds (some allreduce gradients in "
-        "warm-up, others sync parameters). This happens when a rank calls join() or "
-        "synchronize() while others are still in warm-up, or when ranks were built with "
-        "different warmup_steps. Summed control element:", control_sum])
+    ok = round_kinds_agree(control_sum, n, gradient_round)
+    return tf.debugging.Assert(ok, [ROUND_KIND_MISMATCH + " Summed control element:", control_sum])
 
 
 def check_finite(summed: list, step) -> list:

@@ -13,31 +13,15 @@ import torch
 
 from horovod_local.torch import _kernels as K
 
-# Horovod matches collective ops across ranks by name: every round reuses these names, so a
-# rank that is in another kind of round gets a shape-mismatch error instead of a hang.
-_SYNC_NAME = "horovod_local.sync.{}"
+from horovod_local.sync_protocol import (
+    GRADIENT_ROUND, ROUND_KIND_MISMATCH, SYNC_NAME, control_bucket_index, round_kinds_agree)
 
-# The one extra control element (1.0 if the sending rank has joined) goes into the bucket of the
-# widest dtype, where small integers are exact.
-_CONTROL_PREFERENCE = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-
-
-# Control value a warm-up (gradient) round sends, against 0/1 (joined) in a sync round: a sum
-# that is neither n * GRADIENT_ROUND nor < GRADIENT_ROUND means ranks are in different kinds of
-# rounds (a rank joined during warm-up), which must fail rather than average grads with params.
-GRADIENT_ROUND = 1024.0
+__all__ = ["GRADIENT_ROUND", "Bucket", "FusedSync", "check_round_kinds"]
 
 
 def check_round_kinds(control_sum: float, n: int, gradient_round: bool) -> None:
-    expected_ok = abs(control_sum - n * GRADIENT_ROUND) < 0.5 if gradient_round \
-        else control_sum < GRADIENT_ROUND - 0.5
-    if not expected_ok:
-        raise RuntimeError(
-            "horovod_local: ranks are in different kinds of rounds (some allreduce gradients in "
-            "warm-up, others sync parameters). This happens when a rank calls join() or "
-            "synchronize() while others are still in warm-up, or when ranks were built with "
-            "different warmup_steps. Give every rank the same warmup_steps and call join() only "
-            "after warm-up.")
+    if not round_kinds_agree(control_sum, n, gradient_round):
+        raise RuntimeError(ROUND_KIND_MISMATCH)
 
 
 @dataclass
@@ -77,13 +61,8 @@ class FusedSync:
 
     @staticmethod
     def assign_control(buckets: list[Bucket]) -> None:
-        present = {b.dtype for b in buckets}
-        for dt in _CONTROL_PREFERENCE:
-            if dt in present:
-                next(b for b in buckets if b.dtype == dt).has_control = True
-                return
-        raise TypeError(f"horovod_local syncs floating-point tensors only; got dtypes "
-                        f"{sorted(str(d) for d in present)}")
+        i = control_bucket_index([str(b.dtype).replace("torch.", "") for b in buckets])
+        buckets[i].has_control = True
 
     def allreduce(self, buckets: list[Bucket], control: float = 0.0) -> tuple[list[torch.Tensor], float, int]:
         """Pack and sum over ranks. Returns (buffers, summed control, bytes sent)."""
@@ -101,7 +80,7 @@ class FusedSync:
                 buf[off] = control
             bufs.append(buf)
             nbytes += buf.numel() * buf.element_size()
-            handles.append(hvd.allreduce_async_(buf, name=_SYNC_NAME.format(str(b.dtype)[6:]),
+            handles.append(hvd.allreduce_async_(buf, name=SYNC_NAME.format(str(b.dtype)[6:]),
                                                 op=hvd.Sum, process_set=self.process_set))
         for h in handles:
             hvd.synchronize(h)

@@ -9,6 +9,7 @@ import torch
 from horovod_local.config import NONFINITE_POLICIES, validate_sync_arguments
 from horovod_local.schedules import PeriodSchedule, make_schedule
 from horovod_local.stats import SyncStats
+from horovod_local.sync_protocol import DEVIATION_NAME
 from horovod_local.torch.adaalter import LocalAdaAlter
 from horovod_local.torch.fused_sync import GRADIENT_ROUND, Bucket, FusedSync, check_round_kinds
 
@@ -322,7 +323,7 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         import horovod.torch as hvd
 
         t = torch.tensor([value], dtype=torch.float64)
-        hvd.allreduce_(t, name="horovod_local.deviation", op=hvd.Sum,
+        hvd.allreduce_(t, name=DEVIATION_NAME, op=hvd.Sum,
                        process_set=self._hl_process_set)
         return float(t[0]) / self._hl_size
 

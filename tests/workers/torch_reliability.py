@@ -118,6 +118,12 @@ def main():
     res["skip_after"] = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
     res["skip_stats"] = opt.sync_stats().as_dict()
 
+    # 2c. a rank joins while the others are still in warm-up: same buffer sizes and names, so
+    # only the control element tells a gradient round from a sync round; every rank must raise
+    model, opt = build(dict(base, warmup_steps=5))
+    res["round_kinds"] = expect_error(opt.join if rank == 0 else
+                                      (lambda: train(model, opt, rank, 1, 1)))
+
     # 3. exact resume mid-round, every algorithm
     for cfg in payload["resume"]:
         res["resume_" + cfg["id"]] = resume(cfg, rank)
