@@ -137,6 +137,17 @@ def _check_lr(fn: str, j: int, lr: float) -> None:
                          "rate, which must be finite and non-zero")
 
 
+def _checked_segments(fn: str, buf, tensors, offset: int) -> list:
+    """The checks of a call whose ``tensors`` all share ``buf``'s dtype and fill consecutive
+    segments from ``offset``; returns ``tensors`` as a list."""
+    tensors = _as_list(fn, "tensors", tensors)
+    _check_buf(fn, buf, offset)
+    for j, t in enumerate(tensors):
+        _check_tensor(fn, "tensors", j, t, buf.dtype, buf)
+    _check_capacity(fn, buf, offset, sum(t.numel() for t in tensors))
+    return tensors
+
+
 def _segments(buf: torch.Tensor, tensors: list, offset: int) -> list:
     """Views of buf's segments, shaped like the tensors (after the capacity check)."""
     flat = buf.view(-1)
@@ -161,11 +172,7 @@ class _PythonBackend:
     @torch.no_grad()
     def pack(tensors, buf, offset=0):
         fn = "pack"
-        tensors = _as_list(fn, "tensors", tensors)
-        _check_buf(fn, buf, offset)
-        for j, t in enumerate(tensors):
-            _check_tensor(fn, "tensors", j, t, buf.dtype, buf)
-        _check_capacity(fn, buf, offset, sum(t.numel() for t in tensors))
+        tensors = _checked_segments(fn, buf, tensors, offset)
         for seg, t in zip(_segments(buf, tensors, offset), tensors):
             if t.numel():
                 seg.copy_(t)
@@ -174,11 +181,7 @@ class _PythonBackend:
     @torch.no_grad()
     def unpack_average(buf, tensors, scale, offset=0):
         fn = "unpack_average"
-        tensors = _as_list(fn, "tensors", tensors)
-        _check_buf(fn, buf, offset)
-        for j, t in enumerate(tensors):
-            _check_tensor(fn, "tensors", j, t, buf.dtype, buf)
-        _check_capacity(fn, buf, offset, sum(t.numel() for t in tensors))
+        tensors = _checked_segments(fn, buf, tensors, offset)
         scale = float(scale)
         for seg, t in zip(_segments(buf, tensors, offset), tensors):
             if t.numel():
@@ -188,11 +191,7 @@ class _PythonBackend:
     @torch.no_grad()
     def unpack_average_deviation(buf, tensors, scale, offset=0):
         fn = "unpack_average_deviation"
-        tensors = _as_list(fn, "tensors", tensors)
-        _check_buf(fn, buf, offset)
-        for j, t in enumerate(tensors):
-            _check_tensor(fn, "tensors", j, t, buf.dtype, buf)
-        _check_capacity(fn, buf, offset, sum(t.numel() for t in tensors))
+        tensors = _checked_segments(fn, buf, tensors, offset)
         scale = float(scale)
         dev = torch.zeros((), dtype=torch.float64, device=buf.device)
         for seg, t in zip(_segments(buf, tensors, offset), tensors):
