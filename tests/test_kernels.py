@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 import zlib
@@ -200,7 +201,7 @@ def test_public_api_dispatch(fn, device):
     args_b, outs_b = build(fn, "mixed", torch.float32, device, seed=3)
     ra = getattr(K, fn)(*args_a)
     rb = run(K._for(args_b[1] if fn == "pack" else args_b[0]), fn, args_b)
-    if fn in ("pack", "unpack_average", "unpack_adaalter"):
+    if fn in ("unpack_average", "unpack_adaalter"):
         assert ra is None
     else:
         assert isinstance(ra, float)
@@ -306,6 +307,30 @@ def test_numpy_pack(impl):
     want[4:4 + 12] = arrs[0].T.reshape(-1)  # row-major flattening of the (4, 3) view
     want[16:21] = arrs[1]
     np.testing.assert_array_equal(_np(buf), want)
+
+
+@pytest.mark.parametrize("impl", _impls())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_pack_guard(impl, dtype):
+    """pack returns max |x| over everything it packed (exact), computed in the copy pass; NaN if
+    any element is NaN or Inf, wherever it sits (block edges, the tail, a strided view)."""
+    b = _backend(impl)
+    rng = np.random.default_rng(5)
+    sizes = [40000, 0, 16384 + 3, 7, 3 * 16384]  # crosses the C++ kernel's 16384-element blocks
+    arrs = [rng.standard_normal(n) * 4 for n in sizes]
+    ts = [torch.from_numpy(a).to(dtype) for a in arrs]
+    ts[3] = torch.from_numpy(rng.standard_normal((7, 2))).to(dtype).t()[0]  # strided
+    buf = torch.zeros(sum(t.numel() for t in ts) + 2, dtype=dtype)
+    want = max(float(t.abs().max()) for t in ts if t.numel())
+    assert b.pack(ts, buf, 1) == want
+    assert b.pack([torch.zeros(0, dtype=dtype)], buf, 1) == 0.0
+    for j, pos in [(0, 0), (0, 16383), (2, 16384 + 2), (3, 1), (4, 3 * 16384 - 1)]:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            ts_bad = [t.clone() for t in ts]
+            ts_bad[j].view(-1)[pos] = bad
+            assert math.isnan(b.pack(ts_bad, buf, 1)), (j, pos, bad)
+            assert torch.equal(buf[1: 1 + ts_bad[j].numel()].isnan(), ts_bad[0].isnan()) \
+                if j == 0 else True  # the copy itself is unaffected by the guard
 
 
 @pytest.mark.parametrize("impl", _impls())

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -178,7 +179,19 @@ double run_segment(const hl_seg& s, T* bufseg, int64_t lb, int64_t le, typename 
   T* __restrict__ b = bufseg;
   double dev = 0.0;
   if constexpr (OP == HL_OP_PACK) {
-    std::copy(p0 + lb, p0 + le, b + lb);
+    // The copy also yields the guard: max |x|, and NaN if any element is NaN/Inf (x * 0 is NaN
+    // exactly then). Both are carried in the same pass, so the check after the allreduce needs
+    // no pass of its own. Branch-free, so the loop still vectorises.
+    A m = 0;
+    A z = 0;
+    for (int64_t i = lb; i < le; ++i) {
+      const T v = p0[i];
+      b[i] = v;
+      const A a = std::abs(load(v));
+      m = m < a ? a : m;
+      z += load(v) * A(0);
+    }
+    return z == A(0) ? static_cast<double>(m) : std::numeric_limits<double>::quiet_NaN();
   } else if constexpr (OP == HL_OP_AVERAGE) {
     for (int64_t i = lb; i < le; ++i) p0[i] = store<T>(load(b[i]) * scale);
   } else if constexpr (OP == HL_OP_AVERAGE_DEV) {
@@ -227,6 +240,11 @@ double run_segment(const hl_seg& s, T* bufseg, int64_t lb, int64_t le, typename 
   return dev;
 }
 
+// The pack's reduction: max, with NaN (some element non-finite) winning.
+inline double guard_max(double a, double b) {
+  return (a != a || b != b) ? std::numeric_limits<double>::quiet_NaN() : std::max(a, b);
+}
+
 template <typename T, int OP>
 double run_cpu_typed(const Call& c, double scale_d, double beta_d) {
   using A = typename Cpu<T>::acc;
@@ -254,13 +272,14 @@ double run_cpu_typed(const Call& c, double scale_d, double beta_d) {
         const hl_seg& s = segs[j];
         const int64_t lb = std::max(fb, s.start) - s.start;
         const int64_t le = std::min(fe, s.start + s.numel) - s.start;
-        acc += run_segment<T, OP>(s, buf + s.start, lb, le, scale, beta);
+        const double r = run_segment<T, OP>(s, buf + s.start, lb, le, scale, beta);
+        acc = OP == HL_OP_PACK ? guard_max(acc, r) : acc + r;
       }
       partial[blk] = acc;
     }
   });
   double dev = 0.0;
-  for (double p : partial) dev += p;
+  for (double p : partial) dev = OP == HL_OP_PACK ? guard_max(dev, p) : dev + p;
   return dev;
 }
 
@@ -329,7 +348,8 @@ void check_len(const char* fn, const char* arg, size_t got, size_t want) {
 // ---------------------------------------------------------------------------------------------
 // The module's functions.
 
-void pack(const std::vector<at::Tensor>& tensors, const at::Tensor& buf, int64_t offset) {
+// Returns the guard of what was packed: max |x| (0 for nothing), NaN if any element is NaN/Inf.
+double pack(const std::vector<at::Tensor>& tensors, const at::Tensor& buf, int64_t offset) {
   Call c = begin("pack", buf, offset, tensors.size());
   const auto dt = buf.scalar_type();
   for (size_t j = 0; j < tensors.size(); ++j) {
@@ -338,7 +358,16 @@ void pack(const std::vector<at::Tensor>& tensors, const at::Tensor& buf, int64_t
   }
   check_capacity(c);
   if (c.total > 0 && !buf.is_inference()) buf.unsafeGetTensorImpl()->bump_version();
-  execute<HL_OP_PACK>(c, 1.0, 0.0);
+  double guard = execute<HL_OP_PACK>(c, 1.0, 0.0);
+  if (buf.device().is_cuda() && c.total > 0) {
+    // The CUDA pack kernel only copies; the guard is one reduction over the packed range (an
+    // extra read on the GPU, where bandwidth is plentiful).
+    at::NoGradGuard no_grad;
+    const at::Tensor seg = buf.narrow(0, offset, c.total);
+    guard = seg.abs().max().item<double>();  // NaN/Inf propagate through abs and max
+    if (!std::isfinite(guard)) guard = std::numeric_limits<double>::quiet_NaN();
+  }
+  return guard;
 }
 
 void unpack_average(const at::Tensor& buf, const std::vector<at::Tensor>& tensors, double scale,
@@ -452,7 +481,8 @@ std::string info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "horovod-local fused pack/unpack kernels (see horovod_local/torch/_kernels.py)";
   namespace py = pybind11;
-  m.def("pack", &pack, "Copy each tensor into its segment of buf.", py::arg("tensors"),
+  m.def("pack", &pack,
+        "Copy each tensor into its segment of buf; returns max |x| (NaN if any is non-finite).", py::arg("tensors"),
         py::arg("buf"), py::arg("offset") = 0);
   m.def("unpack_average", &unpack_average, "t = buf_seg * scale.", py::arg("buf"),
         py::arg("tensors"), py::arg("scale"), py::arg("offset") = 0);

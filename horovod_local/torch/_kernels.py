@@ -21,6 +21,8 @@ Exact arithmetic (both implementations; ``acc`` = float32 for float16/bfloat16/f
 float64 for float64 ones; every operation is rounded separately, in this order, never fused into
 an FMA; 16-bit values are rounded once, on store, to nearest even):
 
+- ``pack``: ``buf_seg = t``; returns ``max |t|`` over all tensors (NaN if any element is
+  non-finite), an exact value of the buffer's dtype
 - ``x_avg = acc(buf_seg) * acc(scale)``
 - ``unpack_average``: ``t = T(x_avg)``
 - ``unpack_average_deviation``: as above; returns ``sum((float64(T(x_avg)) - float64(t_old))**2)``
@@ -176,6 +178,11 @@ class _PythonBackend:
         for seg, t in zip(_segments(buf, tensors, offset), tensors):
             if t.numel():
                 seg.copy_(t)
+        total = sum(t.numel() for t in tensors)
+        if total == 0:
+            return 0.0
+        guard = float(buf[offset: offset + total].abs().max())  # NaN/Inf propagate
+        return guard if math.isfinite(guard) else math.nan
 
     @staticmethod
     @torch.no_grad()
@@ -310,7 +317,7 @@ class _CppBackend:
         self.with_cuda = bool(getattr(module, "with_cuda", False))
 
     def pack(self, tensors, buf, offset=0):
-        self._C.pack(_as_list("pack", "tensors", tensors), buf, offset)
+        return self._C.pack(_as_list("pack", "tensors", tensors), buf, offset)
 
     def unpack_average(self, buf, tensors, scale, offset=0):
         self._C.unpack_average(buf, _as_list("unpack_average", "tensors", tensors), scale,
@@ -397,9 +404,15 @@ def _for(buf):
 # ---------------------------------------------------------------------------------------------
 # The API.
 
-def pack(tensors: Sequence[torch.Tensor], buf: torch.Tensor, offset: int = 0) -> None:
-    """Copy each tensor (flattened, row-major) into consecutive segments of ``buf`` from ``offset``."""
-    _for(buf).pack(tensors, buf, int(offset))
+def pack(tensors: Sequence[torch.Tensor], buf: torch.Tensor, offset: int = 0) -> float:
+    """Copy each tensor (flattened, row-major) into consecutive segments of ``buf`` from ``offset``.
+
+    Returns the *guard* of what was packed, computed in the same pass: ``max |x|`` over every
+    element (0.0 for no elements), or NaN if any element is NaN or Inf. The sum of the ranks'
+    guards bounds every element of the summed buffer, which is how a sync proves its result
+    finite without another pass (``FusedSync.check_finite``).
+    """
+    return float(_for(buf).pack(tensors, buf, int(offset)))
 
 
 def unpack_average(buf: torch.Tensor, tensors: Sequence[torch.Tensor], scale: float,

@@ -1,7 +1,8 @@
 """One sync round: pack everything into one buffer per dtype, ONE allreduce each, fused unpack.
 
 The pipeline (``FusedSync.run``) is a sequence of small steps: plan the buckets, pack, allreduce
-(op=Sum), check the control element and finiteness, unpack with the algorithm's math fused in
+(op=Sum), check the control element and finiteness (from a guard element the pack computed),
+unpack with the algorithm's math fused in
 (``horovod_local.torch._kernels``: C++/CUDA, or a PyTorch fallback).
 """
 from __future__ import annotations
@@ -40,9 +41,12 @@ class Bucket:
     denominators: list = field(default_factory=list)  # AdaAlter B2
     has_control: bool = False
 
+    def data_numel(self) -> int:
+        return sum(t.numel() for t in self.params + self.states + self.accumulators)
+
     def numel(self) -> int:
-        return sum(t.numel() for t in self.params + self.states + self.accumulators) + \
-            int(self.has_control)
+        """Buffer length: the data, the control element (if this bucket has it), the guard."""
+        return self.data_numel() + int(self.has_control) + 1
 
 
 class FusedSync:
@@ -64,20 +68,27 @@ class FusedSync:
         i = control_bucket_index([str(b.dtype).replace("torch.", "") for b in buckets])
         buckets[i].has_control = True
 
+    def pack(self, b: Bucket, control: float = 0.0) -> torch.Tensor:
+        """The bucket's buffer: [params | states | accumulators | control? | guard]."""
+        device = b.params[0].device if b.params else (b.states + b.accumulators)[0].device
+        buf = self._buffer(b.dtype, b.numel(), device)
+        off, guard = 0, 0.0
+        for group in (b.params, b.states, b.accumulators):
+            g = K.pack(group, buf, off)
+            guard = g if math.isnan(g) else max(guard, g)
+            off += sum(t.numel() for t in group)
+        if b.has_control:
+            buf[off] = control
+        buf[-1] = guard  # exact: the guard is |x| of one element of this dtype (or NaN)
+        return buf
+
     def allreduce(self, buckets: list[Bucket], control: float = 0.0) -> tuple[list[torch.Tensor], float, int]:
         """Pack and sum over ranks. Returns (buffers, summed control, bytes sent)."""
         import horovod.torch as hvd
 
         bufs, handles, nbytes = [], [], 0
         for b in buckets:
-            device = b.params[0].device if b.params else (b.states + b.accumulators)[0].device
-            buf = self._buffer(b.dtype, b.numel(), device)
-            off = 0
-            for group in (b.params, b.states, b.accumulators):
-                K.pack(group, buf, off)
-                off += sum(t.numel() for t in group)
-            if b.has_control:
-                buf[off] = control
+            buf = self.pack(b, control)
             bufs.append(buf)
             nbytes += buf.numel() * buf.element_size()
             handles.append(hvd.allreduce_async_(buf, name=SYNC_NAME.format(str(b.dtype)[6:]),
@@ -87,25 +98,29 @@ class FusedSync:
         summed_control = 0.0
         for b, buf in zip(buckets, bufs):
             if b.has_control:
-                summed_control = float(buf[-1])
+                summed_control = float(buf[-2])
         return bufs, summed_control, nbytes
 
     @staticmethod
     def check_finite(buckets: list[Bucket], bufs: list[torch.Tensor], step: int) -> None:
-        """Raise on a non-finite sum (then some rank sent NaN/Inf): all ranks see the same sum,
-        so all raise together, before anything is written back."""
+        """Raise if the sum holds NaN/Inf (then some rank sent one, or the sum overflowed); all
+        ranks see the same sum, so all raise together, before anything is written back.
+
+        The fast path reads one element per bucket: the summed guard ``G = sum_r max|x_r|``
+        bounds every summed element, ``|sum_r x_r| <= G``, so a finite ``G`` well inside the
+        dtype's range proves the whole buffer finite (the margin covers the different rounding
+        orders of the allreduce). Only otherwise is the buffer searched, tensor by tensor.
+        """
         for b, buf in zip(buckets, bufs):
-            # A sum is non-finite if any element is (NaN, Inf, or Inf - Inf = NaN), so one
-            # read pass proves the common case; the per-tensor search runs only if it fails
-            # (or on overflow of a finite sum, where it then finds nothing and we go on).
-            if math.isfinite(float(buf.sum(dtype=torch.float64 if buf.dtype == torch.float64
-                                           else torch.float32))):
+            guard = float(buf[-1])
+            if math.isfinite(guard) and guard <= torch.finfo(b.dtype).max / 2:
                 continue
-            if bool(torch.isfinite(buf).all()):
-                continue
+            data = buf[: b.data_numel()]
+            if bool(torch.isfinite(data).all()):
+                continue  # a large but finite sum (e.g. float16 near its range): go on
             off = 0
             for name, t in zip(b.names, b.params):
-                seg = buf[off: off + t.numel()]
+                seg = data[off: off + t.numel()]
                 if not bool(torch.isfinite(seg).all()):
                     raise FloatingPointError(
                         f"horovod_local: non-finite values in the sync at step {step}: the sum over "
