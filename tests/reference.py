@@ -9,6 +9,9 @@ Choices this module makes where the specification leaves room (see also ``simula
 * Step numbers are 1-based per rank: rank i's gradient at its step t uses
   ``fixtures.make_batch(i, t)``; ``losses[i][t-1]`` is the loss of that batch at the parameters
   before the step.
+* ``inner["group_lr_scale"] = {name: s}`` puts every parameter tensor in its own parameter group
+  with initial lr ``lr * s`` (default 1; the first group keeps 1). SlowMo reads each parameter's
+  own group lr at a sync; ADPSGD reads the first group's.
 * ``inner["lr_schedule"] = f`` has ``torch.optim.lr_scheduler.LambdaLR`` semantics with
   ``scheduler.step()`` called once after every ``optimizer.step()``: the group lr used by step t
   is ``lr * f(t - 1)``. A sync triggered by the schedule inside step t reads that same lr
@@ -82,6 +85,9 @@ class _Inner:
         self.name: str = spec["name"]
         self.base_lr: float = float(spec["lr"])
         self.lr_schedule: Callable[[int], float] | None = spec.get("lr_schedule")
+        # one parameter group per tensor, group lr = lr * scale (group 0, the first tensor,
+        # is the one ADPSGD reads; the worker keeps its scale at 1)
+        self.lr_scale: dict[str, float] = dict(spec.get("group_lr_scale", {}))
         self.t: int = 0  # the optimizer's own step count
         self.names = names
         if self.name == "sgd":
@@ -109,11 +115,13 @@ class _Inner:
             self.A2 = {k: np.full_like(v, self.b0sq) for k, v in params.items()}
             self.B2 = {k: np.full_like(v, self.b0sq) for k, v in params.items()}
 
-    def group_lr(self, t: int) -> float:
-        """Group lr in force for step t (1-based): base_lr * f(t - 1) (LambdaLR semantics)."""
+    def group_lr(self, t: int, key: str | None = None) -> float:
+        """Group lr in force for step t (1-based): initial * f(t - 1) (LambdaLR semantics),
+        initial = base_lr * group_lr_scale[key] (the group of parameter ``key``)."""
+        initial = self.base_lr * self.lr_scale.get(key, 1.0) if key else self.base_lr
         if self.lr_schedule is None:
-            return self.base_lr
-        return self.base_lr * float(self.lr_schedule(t - 1))
+            return initial
+        return initial * float(self.lr_schedule(t - 1))
 
     def step(self, params: Params, g: Params) -> None:
         """One optimizer step in place on ``params`` with gradient ``g``."""
@@ -129,7 +137,7 @@ class _Inner:
             else:
                 d = g
             for k in params:
-                params[k] = params[k] - lr * d[k]
+                params[k] = params[k] - self.group_lr(self.t, k) * d[k]
         elif self.name == "adam":
             if self.exp_avg is None or self.exp_avg_sq is None:
                 self.exp_avg = {k: np.zeros_like(v) for k, v in params.items()}
@@ -141,10 +149,12 @@ class _Inner:
                 self.exp_avg_sq[k] = (self.beta2 * self.exp_avg_sq[k]
                                       + (1.0 - self.beta2) * g[k] * g[k])
                 denom = np.sqrt(self.exp_avg_sq[k]) / math.sqrt(bc2) + self.eps
-                params[k] = params[k] - (lr / bc1) * self.exp_avg[k] / denom
+                params[k] = params[k] - (self.group_lr(self.t, k) / bc1) * self.exp_avg[k] / denom
         else:  # adaalter
             lr_t = lr * min(1.0, self.t / self.lr_warmup) if self.lr_warmup > 0 else lr
             tp = self.local_steps + 1
+            if self.lr_scale:
+                raise NotImplementedError("group_lr_scale with AdaAlter")
             for k in params:
                 params[k] = params[k] - lr_t * g[k] / np.sqrt(self.B2[k] + tp * self.eps ** 2)
                 self.A2[k] = self.A2[k] + g[k] * g[k]
@@ -281,9 +291,10 @@ class _Rank:
         self.u: Params | None = None
         self.outer_buf: Params | None = None
 
-    def sync_lr(self, explicit: bool) -> float:
-        """Group lr read at a sync: lr of step t (scheduled) or of step t + 1 (explicit)."""
-        return self.opt.group_lr(self.t + 1 if explicit else self.t)
+    def sync_lr(self, explicit: bool, key: str | None = None) -> float:
+        """Group lr read at a sync: lr of step t (scheduled) or of step t + 1 (explicit), of
+        parameter ``key``'s group (SlowMo) or of the first group (ADPSGD)."""
+        return self.opt.group_lr(self.t + 1 if explicit else self.t, key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,8 +435,9 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
             elif algo["name"] == "slowmo":
                 alpha, beta = float(algo["alpha"]), float(algo["beta"])
                 assert r.x0 is not None and r.u is not None
-                r.u = {k: beta * r.u[k] + (r.x0[k] - x_avg[k]) / lr for k in r.u}
-                r.x0 = {k: r.x0[k] - alpha * lr * r.u[k] for k in r.x0}
+                lr_k = {k: r.sync_lr(explicit[r.rank], k) for k in r.u}  # per group
+                r.u = {k: beta * r.u[k] + (r.x0[k] - x_avg[k]) / lr_k[k] for k in r.u}
+                r.x0 = {k: r.x0[k] - alpha * lr_k[k] * r.u[k] for k in r.x0}
                 r.params = _copy(r.x0)
             else:  # outer SGD, torch.optim.SGD semantics on the anchors
                 olr = float(algo["lr"])

@@ -44,6 +44,11 @@ CONFIGS = [
          algorithm={"name": "slowmo", "alpha": 1.0, "beta": 0.7}, steps=60),
     dict(id="slowmo_lr_schedule", inner={**SGD, "lr_schedule": fixtures.step_decay},
          schedule=const(5), algorithm={"name": "slowmo", "alpha": 0.8, "beta": 0.5}, steps=60),
+    # SlowMo with a different lr per parameter group (and a schedule changing both): each
+    # tensor's pseudo-gradient is divided by, and its outer step multiplied by, its group's lr
+    dict(id="slowmo_group_lrs", inner={**SGD_M, "lr_schedule": fixtures.step_decay,
+         "group_lr_scale": {"bias": 0.25}}, schedule=const(5), state_policy="reset",
+         algorithm={"name": "slowmo", "alpha": 0.8, "beta": 0.6}, steps=60),
     dict(id="diloco_outer_nesterov", inner=ADAM, schedule=const(5),
          algorithm={"name": "outer_sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True}, steps=60),
     dict(id="adpsgd_slowmo_warmup", inner=SGD, warmup_steps=5, schedule={"kind": "adaptive",
@@ -103,6 +108,15 @@ def test_matches_reference(n, controller, cfg):
         assert got["sync_steps"] == ref["sync_steps"][: len(got["sync_steps"])]
     # the replicas drifted apart between syncs and the test is not vacuous
     assert ref["syncs"] >= 1
+
+
+def test_slowmo_group_lrs_is_not_vacuous():
+    """The per-group lrs change the SlowMo result materially (vs one shared lr)."""
+    cfg = next(c for c in CONFIGS if c["id"] == "slowmo_group_lrs")
+    one_lr = dict(cfg, inner={k: v for k, v in cfg["inner"].items() if k != "group_lr_scale"})
+    a, b = _reference(cfg, 2)["params"][0], _reference(one_lr, 2)["params"][0]
+    assert np.abs(a["bias"] - b["bias"]).max() > 1e-3
+    np.testing.assert_allclose(a["weight"], b["weight"], rtol=0.2)  # the lr-1 group: similar
 
 
 @pytest.mark.parametrize("n,controller", JOBS)

@@ -23,8 +23,14 @@ class Linear(torch.nn.Module):
         return x @ self.weight.T + self.bias
 
 
-def make_inner(spec: dict, params):
+def make_inner(spec: dict, model: torch.nn.Module):
     import horovod_local.torch as hlt
+
+    params = model.parameters()
+    if "group_lr_scale" in spec:  # one group per tensor, as tests/reference.py
+        scale = spec["group_lr_scale"]
+        params = [{"params": [p], "lr": spec["lr"] * scale.get(n, 1.0)}
+                  for n, p in model.named_parameters()]
 
     if spec["name"] == "sgd":
         return torch.optim.SGD(params, lr=spec["lr"], momentum=spec.get("momentum", 0.0))
@@ -43,7 +49,7 @@ def run_config(cfg: dict) -> dict:
 
     rank, size = hvd.rank(), hvd.size()
     model = Linear()
-    inner = make_inner(cfg["inner"], model.parameters())
+    inner = make_inner(cfg["inner"], model)
     if cfg.get("baseline") == "horovod":
         opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(),
                                        op=hvd.Average)

@@ -18,7 +18,7 @@ def build(cfg: dict):
     import horovod_local.torch as hlt
 
     model = Linear()
-    inner = make_inner(cfg["inner"], model.parameters())
+    inner = make_inner(cfg["inner"], model)
     kw = dict(period=fixtures.schedule_from_spec(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
               state_policy=cfg.get("state_policy", "keep"), nonfinite=cfg.get("nonfinite", "raise"))
     alg = cfg.get("algorithm") or {"name": "local_sgd"}
