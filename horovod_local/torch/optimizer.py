@@ -58,7 +58,12 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         self._hl_round_start: Optional[float] = None
         self._hl_nonfinite = nonfinite
         self._hl_last_good: Optional[list[torch.Tensor]] = None  # nonfinite='skip' only
-        self._hl_check_replicas()
+        import os
+
+        # Elastic: a worker added later builds this while the others are in a reset, so a
+        # collective here would pair with nothing; LocalTorchState.sync() checks instead.
+        if os.environ.get("HOROVOD_ELASTIC") != "1":
+            self._hl_check_replicas()
 
     def _hl_fingerprint(self) -> list:
         """What every rank must agree on: synced tensors and the sync configuration."""
@@ -371,6 +376,38 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(self._hl_params()):
                 hvd.broadcast_(p.data, root_rank=root_rank, name=f"horovod_local.param.{i}",
                                process_set=self._hl_process_set)
+
+    @torch.no_grad()
+    def _hl_on_reset(self, root_rank: int = 0, process_set: Any = None) -> None:
+        """Elastic membership change (Horovod re-initialised with ranks added or removed):
+        adopt the new process set and size, check the replicas, make every rank equal to
+        ``root_rank`` (:meth:`broadcast_state`) and start a fresh round from those parameters.
+        Collective; :class:`horovod_local.torch.elastic.LocalTorchState` calls it in ``sync()``.
+
+        Args:
+            root_rank: the rank whose parameters and state every rank takes.
+            process_set: the process set to sync over from now on (default: the global one;
+                Horovod's elastic re-init registers no other, so a custom one must be re-added).
+        """
+        import horovod.torch as hvd
+
+        ps = process_set if process_set is not None else hvd.global_process_set
+        if ps.size() is None or not ps.included():
+            raise ValueError(f"horovod_local: after the reset this rank ({hvd.rank()}) is not in an "
+                             f"initialised process set {ps}; pass one registered after the reset")
+        # every average divides by the cached size, and the buffers belong to the old set
+        self._hl_process_set, self._hl_size = ps, ps.size()
+        self._hl_sync = FusedSync(ps)
+        self._hl_check_replicas()
+        self.broadcast_state(root_rank)
+        # Fresh round: replicas are identical now, so the round position and x0 restart here.
+        self._hl_stats.local_steps = 0
+        self._hl_round_start = None
+        if self._hl_anchors is not None:  # in place: the outer optimizer's state refers to them
+            for a, p in zip(self._hl_anchors, self._hl_params()):
+                a.copy_(p)
+        if self._hl_last_good is not None:
+            self._hl_remember_good()
 
     def state_dict(self) -> dict:
         sd = super(self.__class__, self).state_dict()
