@@ -9,6 +9,8 @@ Example::
                                        model.named_parameters(), period=8)
     hl.broadcast_parameters(model.state_dict(), root_rank=0)
 """
+from typing import Any
+
 from horovod_local.schedules import (  # noqa: F401
     Adaptive,
     Constant,
@@ -21,6 +23,16 @@ from horovod_local.stats import SyncStats  # noqa: F401
 from horovod_local.torch._kernels import backend_info  # noqa: F401
 from horovod_local.torch.adaalter import LocalAdaAlter  # noqa: F401
 from horovod_local.torch.optimizer import DistributedLocalOptimizer  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: importing horovod.torch (and its elastic machinery) only when elastic is used.
+    if name in ("LocalTorchState", "elastic"):
+        import importlib
+
+        elastic = importlib.import_module("horovod_local.torch.elastic")
+        return elastic if name == "elastic" else elastic.LocalTorchState
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def broadcast_parameters(params, root_rank: int = 0, process_set=None) -> None:
