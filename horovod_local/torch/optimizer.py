@@ -83,22 +83,13 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         """Fail on every rank, naming the first difference, if ranks were built differently
         (instead of a hang or a silent average of unrelated tensors at the first sync)."""
 
+        from horovod_local.replicas import check_fingerprints
+
         if self._hl_size == 1:
             return
         mine = self._hl_fingerprint()
         everyone = _allgather_object(mine, "horovod_local.fingerprint", self._hl_process_set)
-        ref = everyone[0]
-        for r, theirs in enumerate(everyone[1:], start=1):
-            for a, b in zip(ref, theirs):
-                if a != b:
-                    raise ValueError(
-                        f"horovod_local: ranks disagree on {a[0]} {a[1]!r}: rank 0 has {a[2]!r}, "
-                        f"rank {r} has {b[0]} {b[1]!r} = {b[2]!r}. Every rank must build the same "
-                        f"model (same names, shapes, dtypes, order) and the same "
-                        f"DistributedLocalOptimizer arguments.")
-            if len(ref) != len(theirs):
-                raise ValueError(f"horovod_local: rank 0 syncs {len(ref) - 7} parameters, rank {r} "
-                                 f"syncs {len(theirs) - 7}")
+        check_fingerprints(everyone)  # same list on every rank: every rank raises the same
 
     # ---- what is synced -------------------------------------------------------------------
     def _hl_params(self) -> list[torch.Tensor]:
