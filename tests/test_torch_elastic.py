@@ -2,7 +2,8 @@
 changes during the run: ``LocalTorchState`` carries the wrapper through added, crashed and
 removed workers, and every sync round after a change averages over the new number of ranks.
 
-One job (~60-80 s; about 30 s of it is Gloo noticing the crash), five membership changes:
+One job (60-90 s on a busy 2-core machine; about 30 s of it is Gloo noticing the crash, see
+docs/SEMANTICS.md), five membership changes:
 
 ==========  ==========================================  =====================================
 after step  hosts file / event                          world

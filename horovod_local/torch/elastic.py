@@ -33,6 +33,10 @@ class _LocalOptimizerHandler(StateHandler):
     (inner optimizer state + wrapper state), then a fresh round after each sync."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        if optimizer._hl_process_set.process_set_id != 0:
+            # Horovod's reset re-runs hvd.init() without process sets: this one would be gone
+            raise ValueError("LocalTorchState supports wrappers over the global process set only: "
+                             "Horovod's elastic reset re-initialises without other process sets")
         super().__init__(optimizer)
         self._saved: dict = copy.deepcopy(optimizer.state_dict())
 
@@ -51,7 +55,7 @@ class _LocalOptimizerHandler(StateHandler):
         if not _is_local_optimizer(value):
             raise TypeError("this attribute held a DistributedLocalOptimizer; assign another one "
                             f"(got {type(value).__name__}) or build a new LocalTorchState")
-        super().set_value(value)
+        self.__init__(value)  # the same checks as at construction, and a save()
 
 
 class LocalTorchState(TorchState):
@@ -104,7 +108,7 @@ class LocalTorchState(TorchState):
 
     def __init__(self, model: Optional[torch.nn.Module] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None, **kwargs: Any) -> None:
-        kwargs.update(dict(model=model, optimizer=optimizer))
+        kwargs.update(model=model, optimizer=optimizer)
         ours = {k: _LocalOptimizerHandler(v) for k, v in kwargs.items() if _is_local_optimizer(v)}
         theirs, plain = _get_handlers({k: v for k, v in kwargs.items() if k not in ours})
         # wrappers first: their replica check runs before any broadcast, so ranks built
