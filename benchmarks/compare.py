@@ -9,6 +9,12 @@ every method in turn), the tasks of ``examples/tasks.py`` with:
   (language model only), SlowMo ``H=8``: ``horovod_local.torch.DistributedLocalOptimizer``;
 * ``no-comm``: ``period=Never()`` with one ``synchronize()`` at the end (the bound).
 
+Task ``digits_keras`` is the same digits classifier (the torch task's data split, batches and
+initial weights, same hyper-parameters) in Keras 3, in a custom loop of ``tf.function`` steps:
+ours is ``horovod_local.tensorflow.keras.DistributedLocalOptimizer``; its "Horovod" baseline is
+a per-step ``horovod.tensorflow.allreduce`` of every gradient, because Horovod's Keras
+``DistributedOptimizer`` does not allreduce on Keras 3 (see ``KERAS_BASELINE``).
+
 Same steps, batch per rank, lr and initial model for every method. Loopback bandwidth is capped
 with ``tc ... tbf`` (Gloo talks TCP over ``lo``). By default the cap is put on the ``lo`` of a
 private network namespace created for the run (so nothing else on the machine is throttled);
@@ -18,9 +24,9 @@ is always removed (try/finally, atexit, SIGINT/SIGTERM/SIGHUP handlers).
 
 Usage::
 
-    .venv/bin/python benchmarks/compare.py --quick            # ~3-4 min, the README command
+    .venv/bin/python benchmarks/compare.py --quick            # ~4-5 min, the README command
     .venv/bin/python benchmarks/compare.py --full --rate 1gbit --out results/full
-    .venv/bin/python benchmarks/compare.py --smoke --rate none # seconds; used by the tests
+    .venv/bin/python benchmarks/compare.py --smoke --rate none # < 1 min; used by the tests
 
 Every number in the table is taken at the same step count for every method. For the
 time-to-target column only, local methods may go on (``--extend``, a fraction of the steps)
@@ -84,6 +90,11 @@ TASK_SETTINGS = {
         "adaalter_eps": 1e-3, "adaalter_b0sq": 1e-6,
     },
 }
+# The same digits classifier in Keras 3: the torch task's data, split, batches per rank and
+# initial weights; the same SGD+momentum hyper-parameters (Keras' momentum form v = m v - lr g
+# equals torch's for a constant lr).
+TASK_SETTINGS["digits_keras"] = {**TASK_SETTINGS["digits"], "framework": "keras",
+                                 "base_task": "digits"}
 SLOWMO = {"slowmo_lr": 1.0, "slowmo_momentum": 0.5}
 ADPSGD_INITIAL_PERIOD = 4
 ADPSGD_SAMPLING_FRACTION = 0.2  # K_s = 0.2 * total steps (paper: 0.2-0.25)
@@ -92,13 +103,18 @@ MODES = {
     "smoke": {
         "rate": "none",
         "tasks": {"digits": {"steps": 16, "eval_every": 8,
-                             "methods": ["Horovod", "local SGD H=4"]}},
+                             "methods": ["Horovod", "local SGD H=4"]},
+                  "digits_keras": {"steps": 16, "eval_every": 8,
+                                   "methods": ["Horovod", "local SGD H=8"]}},
     },
     "quick": {
         "rate": "1gbit",
         "tasks": {
             "digits": {"steps": 300, "eval_every": 25, "extend": 0.25,
                        "methods": ["Horovod", "local SGD H=8", "ADPSGD", "no-comm (H=inf)"]},
+            # One more launch (TensorFlow's start-up is ~10 s): keep it to 3 methods.
+            "digits_keras": {"steps": 300, "eval_every": 25, "extend": 0.25,
+                             "methods": ["Horovod", "local SGD H=8", "no-comm (H=inf)"]},
             "charlm": {"steps": 160, "eval_every": 20, "extend": 0.25,
                        "methods": ["Horovod", "local SGD H=8", "Local AdaAlter H=4",
                                    "no-comm (H=inf)"]},
@@ -110,6 +126,10 @@ MODES = {
             "digits": {"steps": 600, "eval_every": 40, "extend": 0.3,
                        "methods": ["Horovod", "local SGD H=1", "local SGD H=4", "local SGD H=8",
                                    "local SGD H=16", "ADPSGD", "SlowMo H=8", "no-comm (H=inf)"]},
+            "digits_keras": {"steps": 600, "eval_every": 40, "extend": 0.3,
+                             "methods": ["Horovod", "local SGD H=1", "local SGD H=4",
+                                         "local SGD H=8", "local SGD H=16", "ADPSGD",
+                                         "SlowMo H=8", "no-comm (H=inf)"]},
             "charlm": {"steps": 300, "eval_every": 30, "extend": 0.3,
                        "methods": ["Horovod", "local SGD H=1", "local SGD H=4", "local SGD H=8",
                                    "local SGD H=16", "ADPSGD", "Local AdaAlter H=1",
@@ -123,58 +143,162 @@ MODES = {
 # ================================================================================================
 # Worker: runs under horovodrun, one process per rank
 # ================================================================================================
-def worker_main(cfg_path: str) -> None:
-    import numpy as np  # noqa: F401  (tasks need it; import early for clear errors)
-    import torch
+# One training loop for every framework (the same timing, evaluation, time-to-target and
+# record-keeping rules for the torch and Keras tasks); a per-framework "run" object builds the
+# model and optimizer of one method and does its steps, syncs and evaluations.
+class _TorchRun:
+    """One method of a torch task: ``hvd.DistributedOptimizer`` or our
+    ``horovod_local.torch.DistributedLocalOptimizer``."""
 
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(ROOT))
-    import horovod.torch as hvd
+    def __init__(self, w: _TorchWorker, spec: dict, steps: int) -> None:
+        import torch
 
-    import horovod_local as hl
-    import horovod_local.torch as hlt
-    from examples.tasks import make_task, n_params
+        hvd, hl, hlt, task, settings = w.hvd, w.hl, w.hlt, w.task, w.settings
+        self.w, self.spec = w, spec
+        self.model = model = task.build_model(seed=w.seed)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        self.eval_model = copy.deepcopy(model)
+        self.inner, use_sched = w.make_inner(spec, model.parameters())
+        self.grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.n_params = w.n_params(model)
+        if spec["kind"] == "horovod":
+            self.opt = hvd.DistributedOptimizer(self.inner,
+                                                named_parameters=model.named_parameters(),
+                                                op=hvd.Average)
+        else:
+            kw = dict(SLOWMO, algorithm="slowmo") if spec.get("algorithm") == "slowmo" else {}
+            self.opt = hlt.DistributedLocalOptimizer(self.inner, model.named_parameters(),
+                                                     period=_make_period(hl, spec, steps), **kw)
+        self.sched = None
+        if use_sched and settings["lr_warmup_steps"] > 0:
+            wu = settings["lr_warmup_steps"]
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt,
+                                                           lambda t: min(1.0, (t + 1) / wu))
+        self.batches = task.train_batches(w.rank, w.size, seed=w.seed)
 
-    cfg = json.loads(Path(cfg_path).read_text())
-    hvd.init()
-    rank, size = hvd.rank(), hvd.size()
-    tname = cfg["task"]
-    settings = TASK_SETTINGS[tname]
-    task = make_task(tname, **settings["task_kwargs"])
-    steps, eval_every = cfg["steps"], cfg["eval_every"]
-    out = {"task": tname, "metric_name": task.metric_name, "metric_short": task.metric_short,
-           "higher_is_better": task.higher_is_better, "task_config": task.config(),
-           "settings": settings, "size": size, "steps": steps, "eval_every": eval_every,
-           "backend": hlt.backend_info(), "runs": []}
+    def train_step(self):
+        """One step; returns (loss tensor, seconds in Horovod's gradient allreduce)."""
+        opt, comm = self.opt, 0.0
+        opt.zero_grad()
+        loss = self.w.task.loss(self.model, next(self.batches))
+        loss.backward()
+        if self.spec["kind"] == "horovod":
+            t0 = time.perf_counter()
+            opt.synchronize()
+            comm = time.perf_counter() - t0
+            with opt.skip_synchronize():
+                opt.step()
+        else:
+            opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        return loss.detach(), comm
 
-    def barrier():
-        hvd.allreduce(torch.zeros(1), name="bench.barrier", op=hvd.Sum)
+    def sync_stats(self):
+        return self.opt.sync_stats()
 
-    def make_inner(spec, params):
-        lr = settings["lr"]
+    def sync_count(self) -> int:
+        return self.opt.sync_stats().syncs
+
+    def synchronize(self) -> None:
+        self.opt.synchronize()
+
+    def evaluate(self, need_avg: bool) -> float:
+        """Held-out metric of the ranks' average model; each rank scores half the set."""
+        import torch
+
+        hvd, task = self.w.hvd, self.w.task
+        m = self.model
+        if need_avg:
+            flat = torch.nn.utils.parameters_to_vector(m.parameters()).detach().clone()
+            hvd.allreduce_(flat, op=hvd.Average, name="bench.eval_avg")
+            torch.nn.utils.vector_to_parameters(flat, self.eval_model.parameters())
+            m = self.eval_model
+        m.eval()
+        sums = torch.tensor(task.eval_sums(m, self.w.rank, self.w.size), dtype=torch.float64)
+        m.train()
+        hvd.allreduce_(sums, op=hvd.Sum, name="bench.eval_sums")
+        return float(task.metric_from_sums(sums.tolist()))
+
+
+def _make_period(hl, spec: dict, steps: int):
+    """The ``period`` argument of our wrappers for a method spec (same for both front ends)."""
+    p = spec["period"]
+    if p == "adaptive":
+        return hl.Adaptive(initial_period=ADPSGD_INITIAL_PERIOD,
+                           sampling_steps=max(1, int(ADPSGD_SAMPLING_FRACTION * steps)))
+    if p == "never":
+        return hl.Never()
+    return int(p)
+
+
+class _TorchWorker:
+    framework = "torch"
+    Run = _TorchRun
+
+    def __init__(self, cfg: dict) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        import horovod.torch as hvd
+
+        import horovod_local as hl
+        import horovod_local.torch as hlt
+        from examples.tasks import make_task, n_params
+
+        hvd.init()
+        self.hvd, self.hl, self.hlt, self.n_params = hvd, hl, hlt, n_params
+        self.rank, self.size, self.seed = hvd.rank(), hvd.size(), cfg["seed"]
+        self.settings = TASK_SETTINGS[cfg["task"]]
+        self.task = make_task(cfg["task"], **self.settings["task_kwargs"])
+        self.backend = hlt.backend_info()
+        self.baseline = "hvd.DistributedOptimizer (horovod.torch): gradient allreduce every step"
+
+    def make_inner(self, spec: dict, params):
+        import torch
+
+        settings, lr = self.settings, self.settings["lr"]
         if spec.get("inner") == "adaalter":
-            return hlt.LocalAdaAlter(params, lr=lr, eps=settings["adaalter_eps"],
-                                     initial_accumulator_value=settings["adaalter_b0sq"],
-                                     lr_warmup_steps=settings["lr_warmup_steps"]), False
+            return self.hlt.LocalAdaAlter(params, lr=lr, eps=settings["adaalter_eps"],
+                                          initial_accumulator_value=settings["adaalter_b0sq"],
+                                          lr_warmup_steps=settings["lr_warmup_steps"]), False
         if settings["inner"] == "sgd":
             return torch.optim.SGD(params, lr=lr, momentum=settings["momentum"]), True
         if settings["inner"] == "adagrad":
             return torch.optim.Adagrad(params, lr=lr), True
         raise ValueError(settings["inner"])
 
-    def evaluate(model, eval_model, need_avg: bool) -> float:
-        """Held-out metric of the ranks' average model; each rank scores half the set."""
-        m = model
-        if need_avg:
-            flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
-            hvd.allreduce_(flat, op=hvd.Average, name="bench.eval_avg")
-            torch.nn.utils.vector_to_parameters(flat, eval_model.parameters())
-            m = eval_model
-        m.eval()
-        sums = torch.tensor(task.eval_sums(m, rank, size), dtype=torch.float64)
-        m.train()
-        hvd.allreduce_(sums, op=hvd.Sum, name="bench.eval_sums")
-        return float(task.metric_from_sums(sums.tolist()))
+    def barrier(self) -> None:
+        import torch
+
+        self.hvd.allreduce(torch.zeros(1), name="bench.barrier", op=self.hvd.Sum)
+
+    def allreduce_max(self, x: float) -> float:
+        import torch
+
+        c = torch.tensor([x], dtype=torch.float64)
+        self.hvd.allreduce_(c, op=self.hvd.Max, name="bench.comm_max")
+        return float(c[0])
+
+
+def worker_main(cfg_path: str) -> None:
+    t_proc = time.perf_counter()
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    cfg = json.loads(Path(cfg_path).read_text())
+    tname = cfg["task"]
+    fw = TASK_SETTINGS[tname].get("framework", "torch")
+    w = _KerasWorker(cfg) if fw == "keras" else _TorchWorker(cfg)
+    rank, size, task, settings = w.rank, w.size, w.task, w.settings
+    steps, eval_every = cfg["steps"], cfg["eval_every"]
+    out = {"task": tname, "framework": w.framework, "baseline": w.baseline,
+           "metric_name": task.metric_name, "metric_short": task.metric_short,
+           "higher_is_better": task.higher_is_better, "task_config": task.config(),
+           "settings": settings, "size": size, "steps": steps, "eval_every": eval_every,
+           "backend": w.backend, "runs": [],
+           # imports, hvd.init(), the task's data (not in any run's times)
+           "worker_startup_s": time.perf_counter() - t_proc}
 
     def progress(label, step, metric, samples_per_s, eta_s, task_eta_s):
         if rank == 0:
@@ -195,86 +319,50 @@ def worker_main(cfg_path: str) -> None:
                 for lab in (labels if rep % 2 == 0 else labels[::-1])]
     for mi, (rep, label) in enumerate(schedule):
         spec = METHODS[label]
-        model = task.build_model(seed=cfg["seed"])
-        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        eval_model = copy.deepcopy(model)
-        inner, use_sched = make_inner(spec, model.parameters())
-        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        if spec["kind"] == "horovod":
-            opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(),
-                                           op=hvd.Average)
-        else:
-            p = spec["period"]
-            if p == "adaptive":
-                period = hl.Adaptive(initial_period=ADPSGD_INITIAL_PERIOD,
-                                     sampling_steps=max(1, int(ADPSGD_SAMPLING_FRACTION * steps)))
-            elif p == "never":
-                period = hl.Never()
-            else:
-                period = int(p)
-            kw = dict(SLOWMO, algorithm="slowmo") if spec.get("algorithm") == "slowmo" else {}
-            opt = hlt.DistributedLocalOptimizer(inner, model.named_parameters(), period=period,
-                                                **kw)
-        sched = None
-        if use_sched and settings["lr_warmup_steps"] > 0:
-            w = settings["lr_warmup_steps"]
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / w))
-
-        batches = task.train_batches(rank, size, seed=cfg["seed"])
+        local = spec["kind"] == "local"
+        t_setup = time.perf_counter()
+        r = w.Run(w, spec, steps)  # model, optimizer (Keras: and the traced step functions)
+        setup_s = time.perf_counter() - t_setup
         curve, period_curve, losses = [], [], []
-        comm_s = 0.0  # Horovod only: time inside optimizer.synchronize()
-        metric0 = evaluate(model, eval_model, need_avg=False)
+        comm_s = 0.0  # Horovod only: time in its gradient allreduce
+        metric0 = r.evaluate(need_avg=False)
         curve.append([0, 0.0, metric0])
         if spec.get("period") == "adaptive":
             period_curve.append([0, ADPSGD_INITIAL_PERIOD])
         # Time to target: methods after the baseline may go on past `steps` (constant lr) until
         # they reach the baseline's final metric, at most `extend` x steps more. Every number in
         # the table is taken at `steps` (equal steps); only the curve goes further.
-        extendable = (rep == 0 and target is not None and spec["kind"] == "local"
+        extendable = (rep == 0 and target is not None and local
                       and spec.get("period") != "never" and cfg["extend"] > 0)
         max_steps = steps + int(math.ceil(cfg["extend"] * steps)) if extendable else steps
         last_syncs = 0
         train_s = eval_s = cpu_s = 0.0
         main = None
-        barrier()
+        w.barrier()
         t_start = time.perf_counter()
         t_seg, c_seg = t_start, time.process_time()
         for step in range(1, max_steps + 1):
-            batch = next(batches)
-            opt.zero_grad()
-            loss = task.loss(model, batch)
-            loss.backward()
-            if spec["kind"] == "horovod":
-                t0 = time.perf_counter()
-                opt.synchronize()
-                comm_s += time.perf_counter() - t0
-                with opt.skip_synchronize():
-                    opt.step()
-            else:
-                opt.step()
-            if sched is not None:
-                sched.step()
+            loss, dt = r.train_step()
+            comm_s += dt
             if step <= steps:
-                losses.append(float(loss.detach()))
-            if spec.get("period") == "adaptive":
-                st = opt.sync_stats()
-                if st.syncs != last_syncs:
-                    last_syncs = st.syncs
-                    period_curve.append([step, float(st.period)])
-            if step == steps and spec["kind"] == "local" and opt.sync_stats().local_steps > 0:
-                opt.synchronize()  # every method ends averaged (no-comm: its one sync)
+                losses.append(float(loss))
+            if spec.get("period") == "adaptive" and r.sync_count() != last_syncs:
+                st = r.sync_stats()
+                last_syncs = st.syncs
+                period_curve.append([step, float(st.period)])
+            if step == steps and local and r.sync_stats().local_steps > 0:
+                r.synchronize()  # every method ends averaged (no-comm: its one sync)
             if step % eval_every == 0 or step == steps or step == max_steps:
-                barrier()  # the slower rank's time counts as training time
+                w.barrier()  # the slower rank's time counts as training time
                 now = time.perf_counter()
                 train_s += now - t_seg
                 cpu_s += time.process_time() - c_seg
-                need_avg = spec["kind"] == "local" and opt.sync_stats().local_steps > 0
-                metric = evaluate(model, eval_model, need_avg)
+                need_avg = local and r.sync_stats().local_steps > 0
+                metric = r.evaluate(need_avg)
                 curve.append([step, train_s, metric])
                 if step == steps:
                     main = {"train_s": train_s, "cpu_s": cpu_s, "metric": metric,
-                            "comm_s": comm_s,
-                            "stats": None if spec["kind"] == "horovod" else opt.sync_stats()}
+                            "comm_s": comm_s, "stats": r.sync_stats() if local else None}
                 sps = step * task.samples_per_step() * size / train_s
                 if step <= steps:
                     eta = (steps - step) * train_s / step
@@ -294,10 +382,11 @@ def worker_main(cfg_path: str) -> None:
         total_s = time.perf_counter() - t_start
         train_s = main["train_s"]
         samples = steps * task.samples_per_step() * size
-        run = {"method": label, "repeat": rep, "spec": spec, "n_params": n_params(model),
-               "grad_bytes": grad_bytes, "steps": steps, "samples": samples,
+        run = {"method": label, "repeat": rep, "spec": spec, "n_params": r.n_params,
+               "grad_bytes": r.grad_bytes, "steps": steps, "samples": samples,
                "steps_run": step, "final_metric": main["metric"], "initial_metric": metric0,
                "train_wall_s": train_s, "eval_wall_s": eval_s, "total_wall_s": total_s,
+               "setup_wall_s": setup_s,
                "throughput_samples_s": samples / train_s,
                # CPU time of rank 0's process (all its threads) over the same training segments:
                # wall - cpu shows waiting (communication, the other rank, or other work on the
@@ -309,8 +398,9 @@ def worker_main(cfg_path: str) -> None:
                # on the machine competed for the cores during this run.
                "loadavg_1min_end": os.getloadavg()[0]}
         if spec["kind"] == "horovod":
-            run.update(syncs=steps, bytes_sent=grad_bytes * steps,
-                       bytes_per_step_allreduce=grad_bytes * steps, comm_s=main["comm_s"],
+            # Not counted by a library: gradient bytes x steps, what the allreduces carried.
+            run.update(syncs=steps, bytes_sent=r.grad_bytes * steps,
+                       bytes_per_step_allreduce=r.grad_bytes * steps, comm_s=main["comm_s"],
                        sync_stats=None)
             if rep == 0:
                 target = main["metric"]
@@ -320,9 +410,7 @@ def worker_main(cfg_path: str) -> None:
                        bytes_per_step_allreduce=st.bytes_per_step_allreduce,
                        comm_s=st.sync_seconds, sync_stats=st.as_dict())
         # The other ranks' view of communication time (rank 0 reports the max too).
-        c = torch.tensor([run["comm_s"]], dtype=torch.float64)
-        hvd.allreduce_(c, op=hvd.Max, name="bench.comm_max")
-        run["comm_s_max_over_ranks"] = float(c[0])
+        run["comm_s_max_over_ranks"] = w.allreduce_max(run["comm_s"])
         run["comm_fraction"] = run["comm_s"] / train_s
         out["runs"].append(run)
         if rank == 0:
@@ -336,8 +424,210 @@ def worker_main(cfg_path: str) -> None:
             tmp = Path(cfg["result_path"] + ".tmp")
             tmp.write_text(json.dumps(out, indent=1))
             tmp.replace(cfg["result_path"])
-        del opt, inner, model, eval_model
-    barrier()
+        del r
+    w.barrier()
+
+
+# ---- Keras 3 (TensorFlow) -----------------------------------------------------------------------
+# The baseline is a per-step allreduce of every gradient with horovod.tensorflow.allreduce
+# (op=Average) in a custom train step: what hvd.DistributedGradientTape does. Horovod's own Keras
+# integration cannot be used on Keras 3 (Horovod 0.28.1, TF 2.21 / Keras 3.15):
+# horovod.tensorflow.keras.DistributedOptimizer wraps a Keras 3 optimizer without error but never
+# allreduces (Keras 3's apply_gradients bypasses the methods it overrides: the ranks silently
+# train apart), and hvd.DistributedGradientTape fails on Keras 3 variables ('Variable' object
+# has no attribute 'ref').
+KERAS_BASELINE = ("per-step gradient allreduce: horovod.tensorflow.allreduce(op=Average) of every "
+                  "gradient in a custom train step (horovod.tensorflow.keras.DistributedOptimizer "
+                  "does not allreduce on Keras 3, hvd.DistributedGradientTape fails on Keras 3 "
+                  "variables)")
+
+
+class _KerasRun:
+    """One method of a Keras task: the per-step gradient allreduce baseline or our
+    ``horovod_local.tensorflow.keras.DistributedLocalOptimizer``, in a custom loop of
+    ``tf.function`` steps (``optimizer.apply_gradients`` inside; the sync is in that graph)."""
+
+    def __init__(self, w: _KerasWorker, spec: dict, steps: int) -> None:
+        tf, keras, hvd, hlk = w.tf, w.keras, w.hvd, w.hlk
+        settings = w.settings
+        self.w, self.spec = w, spec
+        self.model = w.build_model()
+        tvars = self.model.trainable_variables
+        hlk.broadcast_variables(tvars, root_rank=0)  # as the torch runs (identical already)
+        self.grad_bytes = sum(int(v.numpy().nbytes) for v in tvars)
+        self.n_params = sum(int(math.prod(v.shape)) for v in tvars)
+        if settings["lr_warmup_steps"] or settings["inner"] != "sgd":
+            raise ValueError("the Keras task supports the SGD(+momentum) inner optimizer only")
+        inner = keras.optimizers.SGD(learning_rate=settings["lr"], momentum=settings["momentum"])
+        if spec["kind"] == "horovod":
+            self.opt = inner
+        else:
+            kw = dict(SLOWMO, algorithm="slowmo") if spec.get("algorithm") == "slowmo" else {}
+            self.opt = hlk.DistributedLocalOptimizer(
+                inner, period=_make_period(hlk, spec, steps), **kw)
+        self.opt.build(tvars)
+        model, opt = self.model, self.opt
+        loss_obj = keras.losses.SparseCategoricalCrossentropy(from_logits=True)  # batch mean
+
+        @tf.function(jit_compile=False)  # Horovod ops have no XLA kernels
+        def grads_fn(x, y):
+            with tf.GradientTape() as tape:
+                loss = loss_obj(y, model(x, training=True))
+            return loss, tape.gradient(loss, tvars)
+
+        @tf.function(jit_compile=False)
+        def allreduce_fn(grads):
+            return [hvd.allreduce(g, op=hvd.Average, name=f"bench.grad.{i}")
+                    for i, g in enumerate(grads)]
+
+        @tf.function(jit_compile=False)
+        def apply_fn(grads):
+            opt.apply_gradients(zip(grads, tvars))
+
+        # Trace before the timed region (tracing takes seconds; it must not count as training
+        # time): get_concrete_function traces without running a step.
+        b = w.task.batch
+        grads_fn.get_concrete_function(tf.TensorSpec([b, w.x_dim], tf.float32),
+                                       tf.TensorSpec([b], tf.int64))
+        gspecs = [tf.TensorSpec(v.shape, v.dtype) for v in tvars]
+        apply_fn.get_concrete_function(gspecs)
+        self.sync_fn = None
+        if spec["kind"] == "horovod":
+            allreduce_fn.get_concrete_function(gspecs)
+        else:
+            self.sync_fn = tf.function(opt.synchronize, jit_compile=False)
+            self.sync_fn.get_concrete_function()
+        self.grads_fn, self.allreduce_fn, self.apply_fn = grads_fn, allreduce_fn, apply_fn
+        self._warm_up(spec)
+        self.batches = w.task.train_batches(w.rank, w.size, seed=w.seed)  # the torch task's
+
+    def _warm_up(self, spec: dict) -> None:
+        """Real steps through every path (a sync included), then every model and optimizer
+        variable restored: the timed run starts from scratch. TF instantiates a traced function
+        at its first call and Horovod negotiates a new tensor name at its first allreduce:
+        0.1-1.5 s here, once per process in a real job, but a large part of a short run."""
+        p = spec.get("period")
+        n = 2 if spec["kind"] == "horovod" else (
+            ADPSGD_INITIAL_PERIOD if p == "adaptive" else 1 if p == "never" else int(p))
+        variables = list({id(v): v for v in [*self.model.variables,
+                                             *self.opt.variables]}.values())
+        saved = [v.numpy() for v in variables]
+        self.batches = self.w.task.train_batches(self.w.rank, self.w.size, seed=self.w.seed + 1)
+        for _ in range(n):
+            self.train_step()
+        if self.sync_fn is not None:
+            self.sync_fn()
+        for v, x in zip(variables, saved):
+            v.assign(x)
+        if spec["kind"] == "local":
+            st = self.opt.sync_stats()
+            assert st.steps == st.syncs == st.bytes_sent == 0, st  # nothing left of the warm-up
+
+    def train_step(self):
+        """One step; returns (loss tensor, seconds in the baseline's gradient allreduce)."""
+        tf = self.w.tf
+        x, y = next(self.batches)
+        loss, grads = self.grads_fn(tf.constant(x.numpy()), tf.constant(y.numpy()))
+        comm = 0.0
+        if self.spec["kind"] == "horovod":
+            t0 = time.perf_counter()
+            grads = self.allreduce_fn(grads)  # returns once the allreduce is done (CPU)
+            comm = time.perf_counter() - t0
+        self.apply_fn(grads)
+        return loss, comm
+
+    def sync_stats(self):
+        return self.opt.sync_stats()
+
+    def sync_count(self) -> int:
+        # Read per step (ADPSGD's period curve) inside the timed region: one counter variable
+        # (~0.05 ms) instead of sync_stats()'s nine (~0.5 ms, 5% of an ADPSGD step here).
+        return int(self.opt._hl_syncs.numpy())
+
+    def synchronize(self) -> None:
+        self.sync_fn()  # opt.synchronize(), traced in __init__
+
+    def evaluate(self, need_avg: bool) -> float:
+        """Held-out metric of the ranks' average model; each rank scores half the set."""
+        w = self.w
+        tf, hvd = w.tf, w.hvd
+        tvars = self.model.trainable_variables
+        vals = [tf.convert_to_tensor(v) for v in tvars]
+        if need_avg:
+            flat = tf.concat([tf.reshape(v, [-1]) for v in vals], 0)
+            flat = hvd.allreduce(flat, op=hvd.Average, name="bench.eval_avg")
+            sizes = [int(math.prod(v.shape)) for v in tvars]
+            vals = [tf.reshape(p, v.shape) for p, v in zip(tf.split(flat, sizes), tvars)]
+        for ev, v in zip(w.eval_model.trainable_variables, vals):
+            ev.assign(v)
+        x, y = w.x_eval[w.rank::w.size], w.y_eval[w.rank::w.size]
+        pred = w.eval_model(x, training=False).numpy().argmax(axis=1)
+        sums = tf.constant([float((pred == y).sum()), float(len(y))], tf.float64)
+        sums = hvd.allreduce(sums, op=hvd.Sum, name="bench.eval_sums")
+        return float(w.task.metric_from_sums(sums.numpy().tolist()))
+
+
+class _KerasWorker:
+    """The digits task (``examples.tasks.Digits``: its data split, standardisation, per-rank
+    batches and torch initial weights, copied into the same Keras MLP) trained with Keras 3."""
+
+    framework = "keras"
+    Run = _KerasRun
+
+    def __init__(self, cfg: dict) -> None:
+        import tensorflow as tf
+
+        # CPU only and 1 compute thread per rank, as the torch runs.
+        tf.config.set_visible_devices([], "GPU")
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        import horovod.tensorflow as hvd
+        import keras
+        import torch  # the task's data and initial weights come from the torch task
+
+        import horovod_local
+        from examples.tasks import make_task
+        from horovod_local.tensorflow import keras as hlk
+
+        torch.set_num_threads(1)
+
+        hvd.init()
+        self.tf, self.keras, self.hvd, self.hlk = tf, keras, hvd, hlk
+        self.rank, self.size, self.seed = hvd.rank(), hvd.size(), cfg["seed"]
+        self.settings = settings = TASK_SETTINGS[cfg["task"]]
+        self.task = task = make_task(settings["base_task"], **settings["task_kwargs"])
+        self.x_dim = int(task.Xtr.shape[1])
+        self.x_eval, self.y_eval = task.Xte.numpy(), task.yte.numpy()
+        self.backend = (f"keras {keras.__version__}, tensorflow {tf.__version__}: in-graph fused "
+                        f"sync (tf.concat + one horovod.tensorflow allreduce per dtype), "
+                        f"horovod_local {horovod_local.__version__}")
+        self.baseline = KERAS_BASELINE
+        self.eval_model = self.build_model()  # holds the averaged weights for evaluation
+
+    def build_model(self):
+        """The task's MLP in Keras, with the torch model's initial weights (same seed): every
+        method, in both frameworks, starts from the same point."""
+        keras = self.keras
+        tmodel = self.task.build_model(seed=self.seed)
+        linears = [m for m in tmodel if hasattr(m, "weight")]
+        layers = [keras.Input((self.x_dim,))]
+        for i, lin in enumerate(linears):
+            last = i == len(linears) - 1
+            layers.append(keras.layers.Dense(lin.out_features,
+                                             activation=None if last else "relu"))
+        model = keras.Sequential(layers)
+        for dense, lin in zip(model.layers, linears):
+            # torch Linear keeps (out, in); a Keras Dense kernel is (in, out)
+            dense.set_weights([lin.weight.detach().numpy().T, lin.bias.detach().numpy()])
+        return model
+
+    def barrier(self) -> None:
+        self.hvd.allreduce(self.tf.zeros([1]), name="bench.barrier", op=self.hvd.Sum)
+
+    def allreduce_max(self, x: float) -> float:
+        c = self.hvd.allreduce(self.tf.constant([x], self.tf.float64), op=self.hvd.Max,
+                               name="bench.comm_max")
+        return float(c.numpy()[0])
 
 
 # ================================================================================================
@@ -487,6 +777,13 @@ def machine_info() -> dict:
         info["horovod_local_backend"] = hlt.backend_info()
     except Exception as e:  # pragma: no cover
         info["import_error"] = repr(e)
+    from importlib import metadata
+
+    for dist in ("tensorflow", "keras"):  # versions only: importing TF here would cost ~5 s
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[dist] = None
     info["loadavg_start"] = list(os.getloadavg())
     return info
 
@@ -679,7 +976,9 @@ def write_markdown(results: dict, path: Path) -> str:
              f"- bandwidth: {cap['message']}",
              f"- machine: {results['machine'].get('cpu_model', '?')}, "
              f"{results['machine'].get('cpus')} CPUs; torch {results['machine'].get('torch')}, "
-             f"horovod {results['machine'].get('horovod')}; horovod-local backend: "
+             f"tensorflow {results['machine'].get('tensorflow')}, keras "
+             f"{results['machine'].get('keras')}, "
+             f"horovod {results['machine'].get('horovod')}; horovod-local backend (torch): "
              f"{results['machine'].get('horovod_local_backend')}",
              f"- load average at start / end: {results['machine'].get('loadavg_start')} / "
              f"{results['machine'].get('loadavg_end')}",
@@ -687,8 +986,15 @@ def write_markdown(results: dict, path: Path) -> str:
     for t in results["tasks"]:
         tc = t["task_config"]
         nparams = t["runs"][0]["n_params"] if t["runs"] else "?"
+        fw = t.get("framework", "torch")
         parts += [f"## {t['task']}: {t['metric_name']} ({t['size']} ranks, {t['steps']} steps, "
-                  f"batch {tc.get('batch_per_rank')}/rank, {nparams} parameters)", ""]
+                  f"batch {tc.get('batch_per_rank')}/rank, {nparams} parameters"
+                  + (", Keras 3" if fw == "keras" else "") + ")", ""]
+        if fw == "keras":
+            parts += [f"Keras 3 custom loop (`tf.function` steps); ours: "
+                      f"`horovod_local.tensorflow.keras.DistributedLocalOptimizer`; \"Horovod\" "
+                      f"here: {t.get('baseline')}. Same data, batches, initial weights and "
+                      f"hyper-parameters as the torch `digits` task.", ""]
         if t.get("repeats", 1) > 1:
             parts += [f"Timing columns (wall s, samples/s, speedup, comm s, comm %, load) are the "
                       f"median of {t['repeats']} repeats run in alternating order; metrics, "
@@ -700,7 +1006,8 @@ def write_markdown(results: dict, path: Path) -> str:
         "wall s = training time on rank 0 between a start barrier and the end (evaluation",
         "excluded; the final sync included); samples/s = samples over both ranks / wall s;",
         "MB sent = payload bytes this rank handed to allreduce (Horovod: gradient bytes x",
-        "steps); comm s = time in sync rounds (Horovod: inside optimizer.synchronize()), which",
+        "steps); comm s = time in sync rounds (Horovod: inside optimizer.synchronize(); Keras",
+        "task: inside the gradient allreduce), which",
         "includes waiting for the slower rank; time to target = training time until the first",
         "evaluation at or better than Horovod's final metric (x: Horovod's time / this; local",
         "methods may go on past the equal-step budget for this column only, up to the step",
@@ -961,13 +1268,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="the default: ~3-4 min, 4 methods/task")
-    g.add_argument("--full", action="store_true", help="all methods, both tasks, longer")
-    g.add_argument("--smoke", action="store_true", help="seconds: digits, 2 methods, uncapped")
+    g.add_argument("--quick", action="store_true", help="the default: ~4-5 min, 3-4 methods/task")
+    g.add_argument("--full", action="store_true", help="all methods, all tasks, longer")
+    g.add_argument("--smoke", action="store_true",
+                   help="under a minute: digits (torch) and digits_keras, 2 methods each, "
+                        "uncapped")
     ap.add_argument("--rate", default=None,
                     help="loopback cap: 1gbit (default; smoke: none), 10gbit, 500mbit, none")
     ap.add_argument("--out", default="results", help="output folder (default results/)")
-    ap.add_argument("--tasks", default=None, help="comma list from: digits, charlm")
+    ap.add_argument("--tasks", default=None, help="comma list from: digits, digits_keras, charlm")
     ap.add_argument("--steps", type=int, default=None, help="override the steps of every task")
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--methods", default=None,

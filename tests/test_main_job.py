@@ -1,5 +1,6 @@
 """Smoke test of the main job's driver (benchmarks/compare.py) under a real horovodrun:
-``--smoke`` = digits, Horovod's DistributedOptimizer vs local SGD H=4, 16 steps, uncapped."""
+``--smoke`` = digits (torch: Horovod's DistributedOptimizer vs local SGD H=4) and digits_keras
+(Keras 3: per-step gradient allreduce vs our Keras wrapper, H=8), 16 steps each, uncapped."""
 from __future__ import annotations
 
 import json
@@ -22,14 +23,17 @@ def test_compare_smoke(tmp_path):
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--smoke",
                            "--out", str(out)], cwd=str(ROOT), env=env, capture_output=True,
-                          text=True, timeout=240, stdin=subprocess.DEVNULL)
+                          text=True, timeout=420, stdin=subprocess.DEVNULL)  # 2 launches
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for name in ("results.json", "results.md", "digits_metric.png", "throughput_vs_H.png"):
+    for name in ("results.json", "results.md", "digits_metric.png", "digits_keras_metric.png",
+                 "throughput_vs_H.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     assert res["bandwidth_cap"]["applied"] is False  # smoke runs uncapped
-    (task,) = res["tasks"]
-    assert task["task"] == "digits" and task["complete"]
+    tasks = {t["task"]: t for t in res["tasks"]}
+    assert sorted(tasks) == ["digits", "digits_keras"]
+    task = tasks["digits"]
+    assert task["complete"]
     runs = {r["method"]: r for r in task["runs"]}
     hv, h4 = runs["Horovod"], runs["local SGD H=4"]
     steps = task["steps"]
@@ -48,6 +52,35 @@ def test_compare_smoke(tmp_path):
     assert h4["sync_stats"]["bytes_per_step_allreduce"] == hv["bytes_sent"]
     assert "| Horovod |" in (out / "results.md").read_text()
     assert "Horovod's throughput" in proc.stdout
+
+    # Keras 3: the same classifier, in one launch for both methods.
+    kt = tasks["digits_keras"]
+    assert kt["complete"] and kt["framework"] == "keras"
+    assert "horovod.tensorflow.allreduce" in kt["baseline"]
+    runs = {r["method"]: r for r in kt["runs"]}
+    khv, k8 = runs["Horovod"], runs["local SGD H=8"]
+    ksteps = kt["steps"]
+    for r in (khv, k8):
+        assert r["steps"] == ksteps and r["n_params"] == hv["n_params"]
+        assert r["grad_bytes"] == hv["grad_bytes"]  # float32, same shapes as the torch MLP
+        # the torch model's initial weights, copied: the same starting accuracy (up to a
+        # near-tie flipped by float rounding)
+        assert abs(r["initial_metric"] - hv["initial_metric"]) <= 0.01
+        assert math.isfinite(r["final_metric"]) and r["final_metric"] > 0.5, r["final_metric"]
+        assert r["train_wall_s"] > 0 and r["throughput_samples_s"] > 0
+        assert len(r["curve"]) == ksteps // kt["eval_every"] + 1
+        assert r["comm_s"] >= 0 and r["comm_fraction"] <= 1.0
+    # same data, batches, start and SGD+momentum as torch: the same accuracy up to rounding
+    # (at most a few of the 360 held-out images)
+    assert abs(khv["final_metric"] - hv["final_metric"]) <= 0.02
+    assert khv["syncs"] == ksteps and khv["bytes_sent"] == khv["grad_bytes"] * ksteps
+    assert k8["syncs"] == ksteps // 8 < khv["syncs"]
+    # one sync = the parameters + a few protocol elements: 1/8 of an allreduce every step
+    assert 0 <= k8["bytes_sent"] / k8["syncs"] - k8["grad_bytes"] <= 64
+    assert abs(k8["bytes_sent"] / khv["bytes_sent"] - 1 / 8) < 1e-3
+    assert k8["sync_stats"]["bytes_per_step_allreduce"] == khv["bytes_sent"]
+    assert "## digits_keras" in (out / "results.md").read_text()
+    assert "[digits_keras] local SGD H=8:" in proc.stdout
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("ip"),
