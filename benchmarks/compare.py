@@ -24,7 +24,7 @@ is always removed (try/finally, atexit, SIGINT/SIGTERM/SIGHUP handlers).
 
 Usage::
 
-    .venv/bin/python benchmarks/compare.py --quick            # ~4-5 min, the README command
+    .venv/bin/python benchmarks/compare.py --quick            # ~3-4 min, the README command
     .venv/bin/python benchmarks/compare.py --full --rate 1gbit --out results/full
     .venv/bin/python benchmarks/compare.py --smoke --rate none # < 1 min; used by the tests
 
@@ -1268,7 +1268,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="the default: ~4-5 min, 3-4 methods/task")
+    g.add_argument("--quick", action="store_true", help="the default: ~3-4 min, 3-4 methods/task")
     g.add_argument("--full", action="store_true", help="all methods, all tasks, longer")
     g.add_argument("--smoke", action="store_true",
                    help="under a minute: digits (torch) and digits_keras, 2 methods each, "
