@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from horovod_local.config import NONFINITE_POLICIES, validate_sync_arguments
+from horovod_local.peer_failure import reporting_lost_ranks, start_heartbeat
 from horovod_local.schedules import PeriodSchedule, make_schedule
 from horovod_local.stats import SyncStats
 from horovod_local.sync_protocol import DEVIATION_NAME
@@ -35,6 +36,7 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             raise ValueError(f"process_set: this rank ({hvd.rank()}) is not a member of "
                              f"{self._hl_process_set!r}")
         self._hl_size = self._hl_process_set.size()
+        start_heartbeat(hvd.rank(), hvd.size())  # so a failed sync can name a lost rank
         self._hl_schedule: PeriodSchedule = make_schedule(period)
         self._hl_warmup_steps = warmup_steps
         self._hl_state_policy = state_policy
@@ -202,10 +204,12 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         """Average the gradients; False if the round was skipped (non-finite, policy 'skip')."""
         t0 = time.perf_counter()
         buckets = self._hl_buckets(gradients=True)
-        bufs, control, nbytes = self._hl_sync.allreduce(buckets, control=GRADIENT_ROUND)
+        step = self._hl_stats.steps + 1
+        with self._hl_naming_lost_ranks(f"the gradient allreduce at step {step}"):
+            bufs, control, nbytes = self._hl_sync.allreduce(buckets, control=GRADIENT_ROUND)
         self._hl_stats.bytes_sent += nbytes
         check_round_kinds(control, self._hl_size, gradient_round=True)
-        if not self._hl_finite_or_skip(buckets, bufs, self._hl_stats.steps + 1):
+        if not self._hl_finite_or_skip(buckets, bufs, step):
             return False
         FusedSync.unpack_gradients(buckets, bufs, self._hl_size)
         self._hl_stats.sync_seconds += time.perf_counter() - t0
@@ -274,7 +278,9 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         if self._hl_last_good is None:
             self._hl_remember_good()  # synchronize() before any local step
         buckets = self._hl_buckets()
-        bufs, n_joined, nbytes = self._hl_sync.allreduce(buckets, control=1.0 if joined else 0.0)
+        with self._hl_naming_lost_ranks(f"the sync round at step {step}"):
+            bufs, n_joined, nbytes = self._hl_sync.allreduce(buckets,
+                                                             control=1.0 if joined else 0.0)
         check_round_kinds(n_joined, self._hl_size, gradient_round=False)
         if not self._hl_finite_or_skip(buckets, bufs, step):
             self._hl_restore_good()
@@ -319,9 +325,18 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         import horovod.torch as hvd
 
         t = torch.tensor([value], dtype=torch.float64)
-        hvd.allreduce_(t, name=DEVIATION_NAME, op=hvd.Sum,
-                       process_set=self._hl_process_set)
+        with self._hl_naming_lost_ranks("the deviation allreduce"):
+            hvd.allreduce_(t, name=DEVIATION_NAME, op=hvd.Sum,
+                           process_set=self._hl_process_set)
         return float(t[0]) / self._hl_size
+
+    def _hl_naming_lost_ranks(self, what: str):
+        """Around a collective: a failure caused by a lost rank names it (Gloo launcher)."""
+        import horovod.torch as hvd
+
+        ps = self._hl_process_set
+        ranks = list(ps.ranks) if getattr(ps, "ranks", None) else list(range(hvd.size()))
+        return reporting_lost_ranks(hvd.rank(), ranks, what)
 
     # ---- public API ---------------------------------------------------------------------------
     def synchronize(self) -> None:

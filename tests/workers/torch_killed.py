@@ -1,4 +1,5 @@
-"""Rank 2 of 3 is killed (SIGKILL) mid-training; the others are blocked in a sync round."""
+"""Rank 2 of 3 is killed (SIGKILL) mid-training, or leaves with exit status 0 (payload how='exit');
+the others are blocked in a sync round."""
 from __future__ import annotations
 
 import os
@@ -27,6 +28,9 @@ def main():
         if hvd.rank() == payload["victim"] and t == 5:
             with open(os.path.join(out_dir, "killed_at"), "w") as f:
                 f.write(repr(__import__("time").time()))
+            if payload.get("how", "kill") == "exit":  # a clean exit without join(): status 0
+                print(f"rank {hvd.rank()}: leaving (exit 0) at step {t}", flush=True)
+                os._exit(0)
             print(f"rank {hvd.rank()}: killing myself at step {t}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         x, y = (torch.tensor(a) for a in fixtures.make_batch(hvd.rank(), t))
