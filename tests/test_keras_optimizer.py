@@ -67,29 +67,52 @@ SYNC_SGD = dict(id="sync_sgd_all_warmup", inner=SGD, warmup_steps=50, schedule=c
 # torch's (lr outside the buffer), which the reference implements
 CALLBACKS = dict(id="callbacks", kind="callbacks", inner=SGD, schedule=const(4),
                  steps_per_epoch=11, epochs=2, lr_warmup_batches=8)
+# Exact resume: stopped after `steps` (between two syncs), model.save, keras.models.load_model,
+# `more_steps` more; bit-identical to one uninterrupted run. One per algorithm / state policy.
 SAVE_LOAD = dict(id="save_load", kind="save_load", inner=ADAM, schedule=ADPSGD,
                  algorithm={"name": "outer_sgd", "lr": 0.7, "momentum": F32_09,
                             "nesterov": True}, outer_factory=True, steps=13, more_steps=9)
+RESUME = [
+    SAVE_LOAD,
+    dict(id="resume_keep_momentum", kind="save_load", inner=SGD_M, schedule=const(4), steps=13,
+         more_steps=11),
+    dict(id="resume_reset_adam", kind="save_load", inner=ADAM, schedule=const(3),
+         state_policy="reset", steps=14, more_steps=10),
+    dict(id="resume_average_momentum_warmup", kind="save_load", inner=SGD_M, warmup_steps=5,
+         schedule=const(4), state_policy="average", steps=11, more_steps=11),
+    dict(id="resume_adaalter", kind="save_load", inner=ADAALTER, schedule=const(4), steps=14,
+         more_steps=10),
+    dict(id="resume_slowmo", kind="save_load", inner=SGD_M, schedule=const(5),
+         state_policy="average", algorithm={"name": "slowmo", "alpha": 1.0, "beta": 0.7},
+         steps=12, more_steps=12),
+    dict(id="resume_adpsgd", kind="save_load", inner={**SGD, "momentum": 0.5},
+         schedule={**ADPSGD, "sampling_steps": 8, "max_period": 6}, steps=23, more_steps=15),
+]
+RELIABILITY = dict(id="reliability", kind="reliability",
+                   mismatches=["shape", "path", "dtype", "period", "warmup_steps", "state_policy",
+                               "inner", "outer", "ctl"])
 TIME_BUDGET = dict(id="time_budget_join", kind="time_budget", inner=SGD,
                    schedule={"kind": "time_budget", "seconds": 0.03}, steps=40)
 
 # (n, controller) -> configs. Each job is one horovodrun (one TF start-up) running its list;
 # (2, gloo) runs everything, the other two a cross-section (time on a 2-core machine).
-FULL = CONFIGS + [SYNC_SGD, CALLBACKS, SAVE_LOAD]
+FULL = CONFIGS + [SYNC_SGD, CALLBACKS, RELIABILITY] + RESUME
 
 
 def _pick(*ids):
-    return [c for c in CONFIGS + [SYNC_SGD, CALLBACKS, SAVE_LOAD, TIME_BUDGET] if c["id"] in ids]
+    return [c for c in CONFIGS + [SYNC_SGD, CALLBACKS, TIME_BUDGET, RELIABILITY] + RESUME
+            if c["id"] in ids]
 
 
 JOBS = {
     (2, "gloo"): FULL,
     (2, "mpi"): _pick("local_sgd_H4", "local_sgd_H1", "warmup_then_H5_momentum", "adpsgd",
                       "state_average_adam", "adaalter_warmup_H3", "diloco_outer_nesterov",
-                      "ctl_H4_average_final_sync", "sync_sgd_all_warmup", "time_budget_join"),
+                      "ctl_H4_average_final_sync", "sync_sgd_all_warmup", "time_budget_join",
+                      "resume_reset_adam"),
     (3, "gloo"): _pick("local_sgd_H4", "increasing", "adpsgd", "state_reset_momentum",
                        "state_average_adam", "adaalter_H4", "slowmo", "diloco_outer_nesterov",
-                       "callbacks"),
+                       "callbacks", "reliability", "resume_adaalter", "resume_slowmo"),
 }
 
 
@@ -104,7 +127,7 @@ def _payload(n: int, controller: str) -> list[dict]:
 
 @functools.lru_cache(maxsize=None)
 def job(n: int, controller: str) -> tuple:
-    return tuple(run_horovod("keras_local", n, controller, _payload(n, controller), timeout=240))
+    return tuple(run_horovod("keras_local", n, controller, _payload(n, controller), timeout=600))
 
 
 def _reference(cfg: dict, n: int) -> dict:
@@ -212,25 +235,109 @@ def test_callbacks(n, controller):
         assert ranks[0]["history"]["hl_syncs"][e] == (e + 1) * cfg["steps_per_epoch"] // 4
 
 
-@pytest.mark.parametrize("n,controller", [k for k in JOBS if any(c["id"] == "save_load"
-                                                                  for c in JOBS[k])])
-def test_save_load_round_trip(n, controller):
+def _resume_cases():
+    return [pytest.param(n, c, cfg, id=f"{cfg['id']}-np{n}-{c}")
+            for (n, c), cfgs in JOBS.items() for cfg in cfgs if cfg in RESUME]
+
+
+@pytest.mark.parametrize("n,controller,cfg", _resume_cases())
+def test_save_load_resume_mid_round_is_bit_identical(n, controller, cfg):
+    same = ("steps", "syncs", "period", "local_steps", "bytes_sent", "skipped_rounds")
     for r in range(n):
-        got = job(n, controller)[r]["save_load"]
-        assert got["type"] == "DistributedLocalOptimizer" and got["inner_type"] == "Adam"
+        got = job(n, controller)[r][cfg["id"]]
+        assert got["type"] == "DistributedLocalOptimizer"
         assert got["config_equal"]
         assert got["n_vars"][0] == got["n_vars"][1]
         for a, b in zip(got["opt_vars"], got["loaded_opt_vars"]):
             np.testing.assert_array_equal(a, b)
         for a, b in zip(got["weights"], got["loaded_weights"]):
             np.testing.assert_array_equal(a, b)
-        same = ("steps", "syncs", "period", "local_steps", "bytes_sent")
         assert {k: got["stats"][k] for k in same} == {k: got["loaded_stats"][k] for k in same}
-        assert got["stats"]["syncs"] >= 2
-        # both went on training from there: the loaded one resumes exactly
-        _assert_params_close(got["loaded_continued"], got["continued"], f"resume rank {r}")
+        # stopped between two syncs, after at least one: ranks differed in the checkpoint
+        assert got["stats"]["local_steps"] > 0 and got["stats"]["syncs"] >= 1
+        # the loaded model (and the stopped original) go on exactly as the uninterrupted run
+        for name in got["straight"]:
+            np.testing.assert_array_equal(got["loaded_continued"][name], got["straight"][name],
+                                          err_msg=f"{cfg['id']} rank {r} {name}: resumed")
+            np.testing.assert_array_equal(got["continued"][name], got["straight"][name],
+                                          err_msg=f"{cfg['id']} rank {r} {name}: continued")
         a, b = got["continued_stats"]
         assert {k: a[k] for k in same} == {k: b[k] for k in same}
+        assert {k: got["straight_stats"][k] for k in same} == {k: b[k] for k in same}
+        assert got["schedules"][0] == got["schedules"][1]
+        assert b["syncs"] >= 2
+    first = job(n, controller)[0][cfg["id"]]
+    if cfg["id"] == "save_load":
+        assert first["inner_type"] == "Adam"
+
+
+def _reliability_cases():
+    return [pytest.param(n, c, id=f"np{n}-{c}") for (n, c), cfgs in JOBS.items()
+            if RELIABILITY in cfgs]
+
+
+@pytest.mark.parametrize("n,controller", _reliability_cases())
+@pytest.mark.parametrize("what,needle", [
+    ("shape", "variable 'sequential/linear/kernel': rank 0 has ((6, 4), 'float64'), rank 1 has "
+              "((6, 3), 'float64')"),
+    ("path", "rank 1 has variable 'sequential/linear2/kernel'"),
+    ("dtype", "variable 'sequential/linear/kernel': rank 0 has ((6, 4), 'float64'), rank 1 has "
+              "((6, 4), 'float32')"),
+    ("period", "config 'schedule'"),
+    ("warmup_steps", "config 'warmup_steps': rank 0 has 0, rank 1 has 2"),
+    ("state_policy", "config 'state_policy': rank 0 has 'keep', rank 1 has 'average'"),
+    ("inner", "config 'inner optimizer': rank 0 has 'SGD', rank 1 has 'Adam'"),
+    ("outer", "config 'outer optimizer'"),
+    ("ctl", "'period': 5"),
+])
+def test_mismatched_replicas_fail_on_every_rank(n, controller, what, needle):
+    """Ranks built differently: a ValueError on every rank naming the first difference, when
+    the first train step is traced (model.fit, or a custom loop), or in the broadcast callback."""
+    for r, res in enumerate(job(n, controller)):
+        err = res["reliability"]["mismatch_" + what]
+        # (tf.function prefixes the message of an error raised while tracing with the user code)
+        assert err.startswith("ValueError: "), f"rank {r}: {err}"
+        assert "horovod_local: ranks disagree" in err and needle in err, f"rank {r}: {err}"
+    if what in ("period", "ctl"):
+        assert "'period': 5" in err
+
+
+@pytest.mark.parametrize("n,controller", _reliability_cases())
+def test_nan_raises_on_every_rank_naming_step_and_tensor(n, controller):
+    for r, res in enumerate(job(n, controller)):
+        got = res["reliability"]
+        err = got["nan_sync"]["error"]
+        assert err.startswith("InvalidArgumentError"), f"rank {r}: {err}"
+        assert "non-finite values (NaN/Inf) in the sync at step 8: the sum over ranks of " \
+               "sequential/linear/kernel contains NaN/Inf" in err, err
+        if r != 1:  # the healthy ranks never received the NaN: nothing was written back
+            for v in got["nan_sync"]["params"].values():
+                assert np.isfinite(v).all()
+        err = got["nan_warmup"]["error"]
+        assert "in the warm-up gradient allreduce at step 3: the sum over ranks of gradient of " \
+               "sequential/linear/kernel" in err, f"rank {r}: {err}"
+
+
+@pytest.mark.parametrize("n,controller", _reliability_cases())
+def test_nonfinite_skip_restores_last_good_average_and_continues(n, controller):
+    ranks = [job(n, controller)[r]["reliability"] for r in range(n)]
+    for r, got in enumerate(ranks):
+        for key in ("skip_sync", "skip_warmup"):
+            run = got[key]
+            assert run["error"] == "no error", run["error"]
+            assert run["stats"]["skipped_rounds"] == 1 and run["stats"]["syncs"] == 2
+            assert any("Skipping this" in w for w in run["warnings"]), run["warnings"]
+            for name, v in run["params"].items():  # synced at step 12: one finite model
+                assert np.isfinite(v).all()
+                np.testing.assert_array_equal(v, ranks[0][key]["params"][name])
+        sync, warm = got["skip_sync"], got["skip_warmup"]
+        assert any("in the sync at step 8: the sum over ranks of sequential/linear/kernel" in w
+                   for w in sync["warnings"]), sync["warnings"]
+        for name in sync["params"]:
+            # the round at step 8 was dropped: every rank is back at the average of step 4
+            np.testing.assert_array_equal(sync["seen"][8][name], sync["seen"][4][name])
+            # no rank took warm-up step 2
+            np.testing.assert_array_equal(warm["seen"][2][name], warm["seen"][1][name])
 
 
 def test_time_budget_rounds_and_join():

@@ -20,11 +20,15 @@ same name, so every collective of this package runs inside a ``tf.function``.
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
+from typing import Any, Optional
+
 import tensorflow as tf
 
 __all__ = ["GRADIENT_ROUND", "Bucket", "bucket_for", "assign_control", "allreduce_buckets",
-           "check_round_kinds", "check_finite", "broadcast_variables", "allreduce_mean_values"]
+           "check_round_kinds", "check_finite", "all_finite", "broadcast_variables",
+           "allreduce_mean_values", "allgather_object", "variable_path"]
 
 from horovod_local.sync_protocol import (  # noqa: E402
     DEVIATION_NAME as _DEVIATION_NAME, GRADIENT_ROUND, ROUND_KIND_MISMATCH,
@@ -42,6 +46,13 @@ def _hvd():
 def _value(v) -> tf.Tensor:
     """A Keras or TF variable's current value as a tensor."""
     return tf.convert_to_tensor(v)
+
+
+def variable_path(v) -> str:
+    """A variable's name in messages and fingerprints: the Keras 3 path (``dense/kernel``), which
+    is unique within a model, unlike ``name`` (``kernel``); a TF variable's name otherwise."""
+    path = getattr(v, "path", None)
+    return str(path) if path else str(getattr(v, "name", "?"))
 
 
 def _numel(v) -> int:
@@ -67,6 +78,13 @@ class Bucket:
 
     def groups(self) -> list:
         return [self.params, self.states, self.accumulators]
+
+    def labels(self) -> list[str]:
+        """What each tensor of the buffer is, in buffer order (for error messages)."""
+        params = list(self.names) if len(self.names) == len(self.params) \
+            else [f"tensor {i}" for i in range(len(self.params))]
+        return params + [f"inner optimizer state {variable_path(s)}" for s in self.states] \
+            + [f"AdaAlter accumulator {variable_path(a)}" for a in self.accumulators]
 
     def numel(self) -> int:
         return sum(_numel(t) for g in self.groups() for t in g) + int(self.has_control)
@@ -128,12 +146,73 @@ def check_round_kinds(control_sum: tf.Tensor, n: int, gradient_round: bool):
     return tf.debugging.Assert(ok, [ROUND_KIND_MISMATCH + " Summed control element:", control_sum])
 
 
-def check_finite(summed: list, step) -> list:
-    """Ops that fail on a non-finite sum (some rank diverged) before anything is written back;
-    all ranks see the same sum, so all fail together."""
-    return [tf.debugging.Assert(tf.reduce_all(tf.math.is_finite(buf)), [
-        "horovod_local: non-finite values (NaN/Inf) in the sync at step", step,
-        ": at least one rank diverged. Nothing was written back."]) for buf in summed]
+def _sum_is_finite(b: Bucket, buf: tf.Tensor) -> tf.Tensor:
+    """One reduction: a sum is non-finite if any element is (NaN, Inf, or Inf - Inf = NaN), so
+    this proves the common case; it can also be non-finite by overflow of a finite buffer, which
+    the exact search on the failure path then clears."""
+    wide = buf if b.dtype in (tf.float32, tf.float64) else tf.cast(buf, tf.float32)
+    return tf.math.is_finite(tf.reduce_sum(wide))
+
+
+def _locate_nonfinite(b: Bucket, buf: tf.Tensor, step, what: str) -> tuple:
+    """(any element non-finite, message naming the step and the first such tensor): one pass
+    per tensor, built for the failure path only. No quotes around the name: tf.debugging.Assert
+    prints strings C-escaped, which would turn quotes into backslash-quotes."""
+    flags, off = [], 0
+    for t in (t for g in b.groups() for t in g):
+        k = _numel(t)
+        flags.append(tf.reduce_all(tf.math.is_finite(buf[off: off + k])))
+        off += k
+    labels = b.labels()
+    if b.has_control:
+        flags.append(tf.reduce_all(tf.math.is_finite(buf[off:])))
+        labels.append("the control element")
+    bad = tf.logical_not(tf.stack(flags))
+    first = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int32)
+    label = tf.gather(tf.constant(labels), first)
+    msg = tf.strings.join([
+        f"horovod_local: non-finite values (NaN/Inf) in the {what} at step ",
+        tf.strings.as_string(tf.cast(step, tf.int64)), ": the sum over ranks of ", label,
+        " contains NaN/Inf, so at least one rank diverged. Nothing was written back."])
+    return tf.reduce_any(bad), msg
+
+
+def check_finite(buckets: list[Bucket], summed: list, step, what: str = "sync") -> list:
+    """Ops that fail on a non-finite sum (some rank diverged) before anything is written back,
+    naming the step and the tensor; all ranks see the same sum, so all fail together. Cost on
+    the good path: one reduction per buffer (and a ``tf.cond``)."""
+    out = []
+    for b, buf in zip(buckets, summed):
+        def locate_and_fail(b=b, buf=buf):
+            bad, msg = _locate_nonfinite(b, buf, step, what)
+            check = tf.debugging.Assert(tf.logical_not(bad), [msg])
+            with tf.control_dependencies([check]):
+                return tf.constant(True)
+
+        out.append(tf.cond(_sum_is_finite(b, buf), lambda: tf.constant(True), locate_and_fail))
+    return out
+
+
+def all_finite(buckets: list[Bucket], summed: list, step, what: str = "sync",
+               on_failure: Optional[Any] = None) -> tf.Tensor:
+    """Bool tensor: every summed buffer is finite (the same on every rank). When it is not,
+    ``on_failure(message)`` is called in-graph with the message naming the step and tensor (it
+    must return a tensor). Cost on the good path as :func:`check_finite`."""
+    fast = tf.reduce_all(tf.stack([_sum_is_finite(b, buf) for b, buf in zip(buckets, summed)]))
+
+    def exact():
+        found = [_locate_nonfinite(b, buf, step, what) for b, buf in zip(buckets, summed)]
+        bads = tf.stack([bad for bad, _ in found])
+        msg = tf.gather(tf.stack([m for _, m in found]),
+                        tf.argmax(tf.cast(bads, tf.int32), output_type=tf.int32))
+        any_bad = tf.reduce_any(bads)
+        if on_failure is None:
+            return tf.logical_not(any_bad)
+        reported = tf.cond(any_bad, lambda: on_failure(msg), lambda: tf.constant(0, tf.int64))
+        with tf.control_dependencies([reported]):
+            return tf.logical_not(any_bad)
+
+    return tf.cond(fast, lambda: tf.constant(True), exact)
 
 
 def allreduce_mean_scalar(value: tf.Tensor, n: int, process_set) -> tf.Tensor:
@@ -189,3 +268,26 @@ def allreduce_mean_values(values: list[float], process_set=None,
     out = run(tf.constant(list(values) if values else [0.0], dtype=tf.float64))
     return [float(v) for v in out.numpy()[: len(values)]]
 
+
+def allgather_object(obj: Any, name: str, process_set=None) -> list:
+    """Every rank's ``obj`` (picklable), in rank order within ``process_set``. Collective.
+
+    Eager only (call it under ``tf.init_scope()`` from traced code). The two allgathers run
+    inside a ``tf.function``, as all of this package's collectives (see the module docstring)."""
+    hvd = _hvd()
+    ps = process_set if process_set is not None else hvd.global_process_set
+    data = tf.io.decode_raw(tf.constant(pickle.dumps(obj)), tf.uint8)
+
+    @tf.function(autograph=False, input_signature=[tf.TensorSpec([None], tf.uint8)])
+    def gather(x):
+        sizes = hvd.allgather(tf.reshape(tf.size(x, out_type=tf.int64), [1]),
+                              name=name + ".sizes", process_set=ps, ignore_name_scope=True)
+        return sizes, hvd.allgather(x, name=name, process_set=ps, ignore_name_scope=True)
+
+    sizes, blob = gather(data)
+    raw = blob.numpy().tobytes()
+    out, off = [], 0
+    for k in sizes.numpy().tolist():
+        out.append(pickle.loads(raw[off: off + k]))
+        off += k
+    return out

@@ -2,7 +2,8 @@
 
 Config format = tests/reference.py's (inner / schedule / warmup_steps / state_policy /
 algorithm / steps), plus ``kind``: ``fit`` (default), ``ctl`` (custom training loop),
-``callbacks``, ``save_load``, ``time_budget``.
+``callbacks``, ``save_load`` (exact resume after model.save / load_model), ``time_budget``,
+``reliability`` (mismatched replicas, NaN at a sync).
 """
 from __future__ import annotations
 
@@ -94,8 +95,11 @@ def make_optimizer(cfg: dict):
     keras = _keras()
     from horovod_local.tensorflow.keras import DistributedLocalOptimizer
 
-    kw = dict(period=fixtures.schedule_from_spec(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
+    kw = dict(period=fixtures.schedule_from_spec(cfg["schedule"]),
+              warmup_steps=cfg.get("warmup_steps", 0),
               state_policy=cfg.get("state_policy", "keep"))
+    if "nonfinite" in cfg:
+        kw["nonfinite"] = cfg["nonfinite"]
     alg = cfg.get("algorithm") or {"name": "local_sgd"}
     if alg["name"] == "slowmo":
         kw.update(algorithm="slowmo", slowmo_lr=alg["alpha"], slowmo_momentum=alg["beta"])
@@ -249,15 +253,28 @@ def run_callbacks(cfg: dict, rank: int) -> dict:
 
 
 def run_save_load(cfg: dict, rank: int, out_dir: str) -> dict:
+    """An uninterrupted run of ``steps + more_steps`` vs. a run stopped after ``steps`` (mid-round),
+    saved with ``model.save``, loaded with ``keras.models.load_model`` and trained on: the loaded
+    one must continue bit-identically. The stopped original also trains on (same result)."""
     keras = _keras()
     import horovod_local.tensorflow.keras  # noqa: F401  (registers the custom objects)
+
+    stop, more = cfg["steps"], cfg["more_steps"]
+    fit = dict(batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0)
+    x2, y2 = data(rank, more, first=stop + 1)
 
     model, dense = make_model()
     opt = make_optimizer(cfg)
     model.compile(optimizer=opt, loss=loss_fn, jit_compile=False)
-    x, y = data(rank, cfg["steps"])
-    model.fit(x, y, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0)
-    path = os.path.join(out_dir, f"model_rank{rank}.keras")
+    model.fit(*data(rank, stop + more), **fit)
+    straight, straight_stats = params_of(dense), opt.sync_stats().as_dict()
+    keras.backend.clear_session()  # the stopped run gets the same variable paths
+
+    model, dense = make_model()
+    opt = make_optimizer(cfg)
+    model.compile(optimizer=opt, loss=loss_fn, jit_compile=False)
+    model.fit(*data(rank, stop), **fit)
+    path = os.path.join(out_dir, f"model_{cfg['id']}_rank{rank}.keras")
     model.save(path)
     loaded = keras.models.load_model(path, custom_objects={"loss_fn": loss_fn})
     lopt = loaded.optimizer
@@ -271,15 +288,125 @@ def run_save_load(cfg: dict, rank: int, out_dir: str) -> dict:
         "weights": [np.array(w) for w in model.get_weights()],
         "loaded_weights": [np.array(w) for w in loaded.get_weights()],
         "stats": opt.sync_stats().as_dict(), "loaded_stats": lopt.sync_stats().as_dict(),
+        "straight": straight, "straight_stats": straight_stats,
     }
     # both go on training (every rank, the same collectives in the same order): exact resume
-    x2, y2 = data(rank, cfg["more_steps"], first=cfg["steps"] + 1)
-    model.fit(x2, y2, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0)
-    loaded.fit(x2, y2, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0)
+    model.fit(x2, y2, **fit)
+    loaded.fit(x2, y2, **fit)
     out["continued"] = params_of(dense)
     lw = loaded.get_weights()
     out["loaded_continued"] = {"weight": np.array(lw[0]).T.copy(), "bias": np.array(lw[1])}
     out["continued_stats"] = (opt.sync_stats().as_dict(), lopt.sync_stats().as_dict())
+    out["schedules"] = (opt.schedule.state_dict(), lopt.schedule.state_dict())
+    return out
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test asserts on the type and the message
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
+def _mismatch(rank: int, what: str) -> str:
+    """Rank 1 builds its model or optimizer differently (``what``); returns the error text."""
+    keras = _keras()
+    import tensorflow as tf
+    from horovod_local.tensorflow import keras as hlk
+
+    odd = rank == 1
+    units, layer, dtype = fixtures.OUT_FEATURES, "linear", "float64"
+    if what == "shape" and odd:
+        units = fixtures.OUT_FEATURES - 1
+    if what == "path" and odd:
+        layer = "linear2"
+    if what == "dtype" and odd:
+        dtype = "float32"
+    dense = keras.layers.Dense(units, dtype=dtype, name=layer)
+    model = keras.Sequential([keras.Input((fixtures.IN_FEATURES,), dtype="float64"), dense])
+    inner = keras.optimizers.Adam(0.01) if what == "inner" and odd else keras.optimizers.SGD(0.05)
+    kw = dict(period=4)
+    if what == "period" and odd:
+        kw["period"] = 5
+    if what == "warmup_steps" and odd:
+        kw["warmup_steps"] = 2
+    if what == "state_policy" and odd:
+        kw["state_policy"] = "average"
+    if what == "outer":
+        kw["outer_optimizer"] = keras.optimizers.SGD(0.7 if not odd else 0.8, momentum=0.5)
+    opt = hlk.DistributedLocalOptimizer(inner, **kw)
+    x, y = data(rank, 2)
+    y = y[:, :units]
+    if what == "ctl":  # a custom loop: the check runs when apply_gradients is first traced
+        opt = hlk.DistributedLocalOptimizer(inner, period=4 + odd)
+        opt.build(model.trainable_variables)
+
+        @tf.function
+        def step(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(loss_fn(yb, model(xb, training=True)))
+            grads = tape.gradient(loss, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables))
+
+        return _error(lambda: step(tf.constant(x[:8]), tf.constant(y[:8])))
+    model.compile(optimizer=opt, loss=loss_fn, jit_compile=False)
+    callbacks = [hlk.BroadcastGlobalVariablesCallback(0)] if what == "shape" else []
+    return _error(lambda: model.fit(x, y, batch_size=fixtures.BATCH, verbose=0,
+                                    callbacks=callbacks))
+
+
+def _nan_run(cfg: dict, rank: int, steps: int, nan_rank: int, nan_step: int,
+             record: tuple = ()) -> dict:
+    """Train ``steps`` steps with a NaN in rank ``nan_rank``'s batch ``nan_step`` (1-based);
+    returns the error (or "no error"), the parameters after the steps in ``record`` and at the
+    end, the stats and the warnings raised."""
+    import warnings
+
+    keras = _keras()
+    model, dense = make_model()
+    opt = make_optimizer(cfg)
+    model.compile(optimizer=opt, loss=loss_fn, jit_compile=False)
+    x, y = data(rank, steps)
+    if rank == nan_rank:
+        x[(nan_step - 1) * fixtures.BATCH, 0] = np.nan
+    seen = {}
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch + 1 in record:
+                seen[batch + 1] = params_of(dense)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        err = _error(lambda: model.fit(x, y, batch_size=fixtures.BATCH, epochs=1, shuffle=False,
+                                       verbose=0, callbacks=[Record()]))
+    return {"error": err, "seen": seen, "params": params_of(dense),
+            "stats": opt.sync_stats().as_dict(),
+            "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning]}
+
+
+def run_reliability(cfg: dict, rank: int) -> dict:
+    """Mismatched replicas, NaN at a sync or a warm-up allreduce (raise / skip)."""
+    keras = _keras()
+    out = {}
+    for what in cfg["mismatches"]:
+        out["mismatch_" + what] = _mismatch(rank, what)
+        keras.backend.clear_session()
+    base = {"inner": {"name": "sgd", "lr": 0.05}, "schedule": {"kind": "constant", "period": 4}}
+    # a NaN on rank 1 at step 7 reaches the sync at step 8: every rank fails, nothing written
+    out["nan_sync"] = _nan_run(base, rank, 8, nan_rank=1, nan_step=7)
+    keras.backend.clear_session()
+    out["nan_warmup"] = _nan_run(dict(base, warmup_steps=4), rank, 4, nan_rank=1, nan_step=3)
+    keras.backend.clear_session()
+    # nonfinite='skip': the round at step 8 is dropped, every rank returns to the average of
+    # step 4, and training goes on (syncs at 4 and 12)
+    out["skip_sync"] = _nan_run(dict(base, nonfinite="skip"), rank, 12, nan_rank=1, nan_step=7,
+                                record=(4, 8))
+    keras.backend.clear_session()
+    # ... and a skipped warm-up step: no rank takes step 2
+    out["skip_warmup"] = _nan_run(dict(base, warmup_steps=4, nonfinite="skip"), rank, 12,
+                                  nan_rank=1, nan_step=2, record=(1, 2))
     return out
 
 
@@ -316,6 +443,8 @@ def main():
             results[cfg["id"]] = run_save_load(cfg, rank, out_dir)
         elif kind == "time_budget":
             results[cfg["id"]] = run_time_budget(cfg, rank)
+        elif kind == "reliability":
+            results[cfg["id"]] = run_reliability(cfg, rank)
         else:
             raise ValueError(kind)
         timings[cfg["id"]] = time.perf_counter() - t0

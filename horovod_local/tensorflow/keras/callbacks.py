@@ -69,6 +69,9 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
         if opt is not None:
             if not opt.built:
                 opt.build(self.model.trainable_variables)
+            local = find_local_optimizer(opt)
+            if local is not None:  # ranks built differently: a clear error, not a broadcast's
+                local._hl_check_replicas()
             variables += list(opt.variables)
         seen, unique = set(), []
         for v in variables:

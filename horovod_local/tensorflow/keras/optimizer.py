@@ -7,11 +7,13 @@ import warnings
 from typing import Any, Callable, Optional, Union
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import initializers
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
-from horovod_local.config import validate_sync_arguments
+from horovod_local.config import NONFINITE_POLICIES, validate_sync_arguments
+from horovod_local.replicas import Entry, check_fingerprints
 from horovod_local.schedules import PeriodSchedule
 from horovod_local.stats import SyncStats
 from horovod_local.tensorflow import fused_sync as fs
@@ -84,7 +86,16 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             ``anchors -> optimizer`` (as in the PyTorch front end). Replaces ``algorithm``.
         process_set: a ``horovod.tensorflow`` process set (default: all ranks). Not saved by
             ``model.save``; a loaded model uses the global process set.
+        nonfinite: what a sync (or warm-up gradient allreduce) does when some rank sends
+            NaN/Inf: ``'raise'`` (default; ``tf.errors.InvalidArgumentError`` on every rank
+            naming the step and the tensor, nothing written back) or ``'skip'`` (warn; every
+            rank returns to the last good average, or skips the warm-up step; the round counts
+            in ``sync_stats().skipped_rounds``; costs a copy of the parameters).
         name: the optimizer's name.
+
+    Before the first step (or ``synchronize()`` / ``join()`` / the broadcast callback) the
+    ranks compare their variables (paths, shapes, dtypes) and sync configuration in one small
+    allgather, and all raise ``ValueError`` naming the first difference.
 
     Example::
 
@@ -102,7 +113,8 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                  warmup_steps: int = 0, state_policy: str = "keep",
                  algorithm: str = "local_sgd", slowmo_lr: float = 1.0,
                  slowmo_momentum: float = 0.5, outer_optimizer: Any = None,
-                 process_set: Any = None, name: Optional[str] = None, **kwargs) -> None:
+                 process_set: Any = None, nonfinite: str = "raise", name: Optional[str] = None,
+                 **kwargs) -> None:
         if kwargs:
             raise ValueError(f"DistributedLocalOptimizer does not take {sorted(kwargs)}; set "
                              f"such options on the inner optimizer")
@@ -126,6 +138,8 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                                  "anchors -> keras optimizer")
             if algorithm != "local_sgd":
                 raise ValueError("pass either algorithm='slowmo' or outer_optimizer, not both")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         adaalter = isinstance(optimizer, LocalAdaAlter)
         if adaalter and state_policy == "reset":
             raise ValueError("state_policy='reset' does not apply to LocalAdaAlter: its "
@@ -145,6 +159,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         self._hl_outer = outer_optimizer if isinstance(outer_optimizer,
                                                        keras.optimizers.Optimizer) else None
         self._hl_process_set_arg = process_set
+        self._hl_nonfinite = nonfinite
         self._hl_adaalter = adaalter
         if adaalter:
             optimizer._auto_refresh = False  # refreshed at our syncs / warm-up steps
@@ -246,6 +261,15 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                                for v, a in zip(var_list, anchors)]
             self._hl_anchors = anchors
             self._hl_momenta = momenta
+            # nonfinite='skip': the last good average (parameters after the last sync, or at
+            # the first local step) to return to when a round is dropped
+            self._hl_last_good = self._hl_good_set = self._hl_skipped = None
+            if self._hl_nonfinite == "skip":
+                self._hl_skipped = self._hl_var("hl_skipped_rounds", "int64", 0)
+                self._hl_good_set = self._hl_var("hl_last_good_set", "int64", 0)
+                self._hl_last_good = [
+                    self._hl_var(f"{self._hl_path(v)}_hl_last_good", _dtype_name(v.dtype), 0.0,
+                                 shape=v.shape) for v in var_list]
             # not saved: the wall-clock start of the current round (TimeBudget)
             self._hl_round_start = self._hl_var("hl_round_start", "float64", -1.0)
         if self._hl_algorithm == "outer":
@@ -313,6 +337,57 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             self._hl_fns[key] = f
         return f
 
+    # ---- replicas must match ---------------------------------------------------------------
+    def _hl_fingerprint(self) -> list[Entry]:
+        """What every rank must agree on: the synced variables and the sync configuration."""
+        outer_desc: Any = None
+        arg = self._hl_outer_arg
+        if isinstance(arg, keras.optimizers.Optimizer):
+            # its hyper-parameters move the shared anchors: compare them (a user-made optimizer
+            # was created eagerly, so its config, lr variable included, is readable here)
+            outer_desc = (type(arg).__name__,
+                          {k: v for k, v in arg.get_config().items() if k != "name"})
+        elif arg is not None:
+            # a factory's optimizer may have been created while the train step was traced: its
+            # lr variable is not initialised before the step runs, so compare the class only
+            outer_desc = ("factory " + getattr(arg, "__qualname__", type(arg).__name__),
+                          type(self._hl_outer).__name__)
+        tvars = list(self._trainable_variables)
+        fp: list[Entry] = [
+            ("config", "schedule", self._hl_schedule.describe()),
+            ("config", "warmup_steps", self._hl_warmup_steps),
+            ("config", "state_policy", self._hl_state_policy),
+            ("config", "algorithm", self._hl_algorithm),
+            ("config", "slowmo", (self._hl_slowmo_lr, self._hl_slowmo_momentum)),
+            ("config", "inner optimizer", type(self.inner_optimizer).__name__),
+            ("config", "outer optimizer", outer_desc),
+            ("config", "nonfinite", self._hl_nonfinite),
+            ("config", "number of synced variables", len(tvars))]
+        fp += [("variable", fs.variable_path(v), (tuple(int(d) for d in v.shape),
+                                                  _dtype_name(v.dtype))) for v in tvars]
+        return fp
+
+    def _hl_check_replicas(self) -> None:
+        """Fail on every rank, naming the first difference, if ranks were built differently
+        (instead of a hang, a shape error or a silent average of unrelated tensors at the first
+        sync). Once per optimizer, eagerly (lifted out of a trace with ``tf.init_scope``).
+
+        Not in ``build``: Keras also builds the optimizer in ``load_model`` and
+        ``compile_from_config``, which a single rank may call (e.g. to evaluate), and a
+        collective there would hang. The first step, ``synchronize()``, ``join()`` and the
+        broadcast callback are points every rank reaches together."""
+        if self._hl_fns.get("replicas_checked"):
+            return
+        ps = self._hl_ps()
+        if ps.size() > 1:
+            with tf.init_scope():
+                everyone = fs.allgather_object(self._hl_fingerprint(),
+                                               "horovod_local.fingerprint", ps)
+            check_fingerprints(everyone, hint=(
+                "Every rank must build the same model (same variable paths, shapes, dtypes, "
+                "order) and the same DistributedLocalOptimizer arguments."))
+        self._hl_fns["replicas_checked"] = True
+
     # ---- the step --------------------------------------------------------------------------
     def _hl_current_lr(self) -> tf.Tensor:
         lr = self.inner_optimizer.learning_rate
@@ -334,7 +409,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                     self.build(trainable_variables)
                 self.built = True
             self._check_variables_are_known(trainable_variables)
-        self._hl_ps()
+        self._hl_check_replicas()
         _check_not_xla()
         with keras.name_scope(self.name, caller=self):
             self._hl_apply(grads, trainable_variables)
@@ -345,15 +420,26 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         lr = self._hl_current_lr()  # the lr this step uses (read before the inner step)
         step = tf.convert_to_tensor(self._iterations)
         in_warmup = step < W if W > 0 else None
+        skip = self._hl_last_good is not None
+        take_step = None  # nonfinite='skip': False when a warm-up allreduce was non-finite
 
         if W > 0:
             idx = tuple(i for i, g in enumerate(grads) if g is not None)
             dense = [tf.convert_to_tensor(grads[i]) for i in idx]
             order = tuple(self._get_variable_index(tvars[i]) for i in idx)
             avg_fn = self._hl_fn("grads", self._hl_average_gradients)
-            new = tf.cond(in_warmup, lambda: avg_fn(dense, step, order), lambda: list(dense))
+            # in skip mode the averaged list ends with the round's "all finite" flag
+            new = tf.cond(in_warmup, lambda: avg_fn(dense, step, order),
+                          lambda: list(dense) + ([tf.constant(True)] if skip else []))
+            if skip:
+                new, take_step = new[:-1], new[-1]
             for i, g in zip(idx, new):
                 grads[i] = g
+        if skip:
+            init = self._hl_good_set < 1
+            if W > 0:
+                init = tf.logical_and(init, tf.logical_not(in_warmup))
+            tf.cond(init, self._hl_remember_good, lambda: tf.constant(0, tf.int64))
         if self._hl_anchors is not None:
             init = self._hl_anchors_set < 1
             if W > 0:
@@ -365,7 +451,14 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                 start = tf.logical_and(start, tf.logical_not(in_warmup))
             tf.cond(start, self._hl_start_round, lambda: tf.constant(0.0, tf.float64))
 
-        self.inner_optimizer.apply(grads, tvars)
+        if take_step is None:
+            self.inner_optimizer.apply(grads, tvars)
+        else:  # a skipped warm-up round: no rank takes this step (as in the PyTorch wrapper)
+            def inner_step():
+                self.inner_optimizer.apply(grads, tvars)
+                return tf.constant(0, tf.int64)
+
+            tf.cond(take_step, inner_step, lambda: tf.constant(0, tf.int64))
 
         self._iterations.assign_add(1)
         self._hl_bytes_per_step.assign_add(self._hl_param_bytes())
@@ -404,12 +497,18 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             b = fs.bucket_for(buckets, g.dtype)
             where.append((b.dtype, len(b.params)))
             b.params.append(g)
-            b.names.append(self._trainable_variables[order[k]].name)
+            b.names.append("gradient of " + fs.variable_path(self._trainable_variables[order[k]]))
         blist = list(buckets.values())
         fs.assign_control(blist)
         summed, ctrl, nbytes = fs.allreduce_buckets(blist, fs.GRADIENT_ROUND, self._hl_ps())
         checks = [fs.check_round_kinds(ctrl, n, gradient_round=True)]
-        checks += fs.check_finite(summed, step + 1)
+        ok = None
+        if self._hl_last_good is None:
+            checks += fs.check_finite(blist, summed, step + 1, "warm-up gradient allreduce")
+        else:
+            with tf.control_dependencies(checks):
+                ok = fs.all_finite(blist, summed, step + 1, "warm-up gradient allreduce",
+                                   on_failure=lambda msg: self._hl_on_nonfinite(msg, "step"))
         parts = {}
         with tf.control_dependencies([c for c in checks if c is not None]):
             for b, buf in zip(blist, summed):
@@ -418,7 +517,25 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         out = [parts[dt][j] for dt, j in where]
         self._hl_bytes_sent.assign_add(nbytes)
         self._hl_sync_seconds.assign_add(tf.timestamp() - t0)
-        return out
+        return out if ok is None else out + [ok]
+
+    def _hl_on_nonfinite(self, msg: tf.Tensor, what: str) -> tf.Tensor:
+        """nonfinite='skip', on the (rare) failure path: count the round and warn in Python."""
+        def warn(m: bytes) -> np.int64:
+            warnings.warn(f"{m.decode()} Skipping this {what} (nonfinite='skip')"
+                          + (": the model goes back to the last good average." if what == "round"
+                             else "."), RuntimeWarning, stacklevel=2)
+            return np.int64(0)
+
+        done = tf.numpy_function(warn, [msg], tf.int64, stateful=True)
+        with tf.control_dependencies([done]):
+            return tf.identity(self._hl_skipped.assign_add(1))
+
+    def _hl_remember_good(self) -> tf.Tensor:
+        for v, g in zip(self._trainable_variables, self._hl_last_good):
+            g.assign(tf.convert_to_tensor(v))
+        self._hl_good_set.assign(1)
+        return tf.constant(0, tf.int64)
 
     def _hl_start_round(self):
         self._hl_round_start.assign(tf.timestamp())
@@ -439,7 +556,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         for i, v in enumerate(tvars):
             b = fs.bucket_for(buckets, v.dtype)
             b.params.append(v)
-            b.names.append(v.name)
+            b.names.append(fs.variable_path(v))
             if self._hl_anchors is not None:
                 b.anchors.append(self._hl_anchors[i])
                 if self._hl_momenta is not None:
@@ -464,13 +581,47 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         if self._hl_anchors is not None:
             tf.cond(self._hl_anchors_set < 1, self._hl_init_anchors,
                     lambda: tf.constant(0, tf.int64))
+        if self._hl_last_good is not None:  # synchronize() before any local step
+            tf.cond(self._hl_good_set < 1, self._hl_remember_good,
+                    lambda: tf.constant(0, tf.int64))
         buckets = self._hl_buckets()
         summed, ctrl, nbytes = fs.allreduce_buckets(buckets, joined, self._hl_ps())
         checks = [fs.check_round_kinds(ctrl, n, gradient_round=False)]
-        checks += fs.check_finite(summed, step)
         if self._hl_algorithm == "slowmo":
             checks.append(tf.debugging.Assert(lr > 0, [
                 "horovod_local: SlowMo divides the pseudo-gradient by the lr; got lr =", lr]))
+        if self._hl_last_good is None:
+            checks += fs.check_finite(buckets, summed, step)
+            self._hl_finish_round(buckets, summed, checks, n, step, lr, t0, nbytes)
+        else:  # nonfinite='skip': every rank sees the same sum, so takes the same branch
+            with tf.control_dependencies([c for c in checks if c is not None]):
+                ok = fs.all_finite(buckets, summed, step,
+                                   on_failure=lambda msg: self._hl_on_nonfinite(msg, "round"))
+            tf.cond(ok, lambda: self._hl_finish_round(buckets, summed, [], n, step, lr, t0,
+                                                      nbytes),
+                    lambda: self._hl_skip_round(nbytes))
+        return ctrl
+
+    def _hl_skip_round(self, nbytes: int) -> tf.Tensor:
+        """A dropped round: the last good average, and no state that may hold the NaN (as the
+        PyTorch wrapper: inner slots zeroed, AdaAlter's A2 back to the shared B2)."""
+        for v, g in zip(self._trainable_variables, self._hl_last_good):
+            v.assign(tf.convert_to_tensor(g))
+        for slots in self._hl_slots:
+            for s in slots:
+                s.assign(tf.zeros(s.shape, s.dtype))
+        if self._hl_adaalter:
+            for a2, b2 in self.inner_optimizer.accumulator_pairs():
+                a2.assign(tf.convert_to_tensor(b2))
+            self.inner_optimizer.reset_local_steps()
+        self._hl_local_steps.assign(0)
+        self._hl_bytes_sent.assign_add(nbytes)
+        self._hl_round_start.assign(tf.timestamp())
+        return tf.constant(0.0, tf.float64)
+
+    def _hl_finish_round(self, buckets: list, summed: list, checks: list, n: int,
+                         step: tf.Tensor, lr: tf.Tensor, t0: tf.Tensor, nbytes: int) -> tf.Tensor:
+        """Write the round's result back (after ``checks``) and update the schedule/counters."""
         need_dev = self._hl_gs.needs_deviation
         deviation = tf.constant(0.0, tf.float64)
         pseudo = []
@@ -530,7 +681,9 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         now = tf.timestamp()
         self._hl_sync_seconds.assign_add(now - t0)
         self._hl_round_start.assign(now)
-        return ctrl
+        if self._hl_last_good is not None:
+            self._hl_remember_good()
+        return tf.constant(0.0, tf.float64)
 
     # ---- public API ------------------------------------------------------------------------
     def _hl_require_built(self, what: str) -> None:
@@ -543,6 +696,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         the process set calls it. Used with ``period=math.inf`` and at the end of training.
         Callable eagerly or inside a ``tf.function``."""
         self._hl_require_built("synchronize")
+        self._hl_check_replicas()
         if tf.executing_eagerly() and int(self._iterations.numpy()) < self._hl_warmup_steps:
             raise RuntimeError("horovod_local: synchronize() during warm-up; replicas are "
                                "already identical while gradients are allreduced every step")
@@ -556,6 +710,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         self._hl_require_built("join")
         if not tf.executing_eagerly():
             raise RuntimeError("horovod_local: join() loops in Python; call it eagerly")
+        self._hl_check_replicas()
         n = self._hl_size()
         fn = self._hl_fn("sync", self._hl_sync_round)
         while True:
@@ -577,7 +732,8 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             bytes_sent=int(self._hl_bytes_sent.numpy()),
             bytes_per_step_allreduce=int(self._hl_bytes_per_step.numpy()),
             sync_seconds=float(self._hl_sync_seconds.numpy()),
-            last_deviation=float(self._hl_last_deviation.numpy()))
+            last_deviation=float(self._hl_last_deviation.numpy()),
+            skipped_rounds=0 if self._hl_skipped is None else int(self._hl_skipped.numpy()))
 
     @property
     def schedule(self) -> PeriodSchedule:
@@ -614,6 +770,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             "slowmo_lr": self._hl_slowmo_lr,
             "slowmo_momentum": self._hl_slowmo_momentum,
             "outer_optimizer": outer,
+            "nonfinite": self._hl_nonfinite,
         }
 
     @classmethod
