@@ -4,7 +4,7 @@
 # loopback capped at 1 Gbit (~3-4 min on 2 cores).
 #
 #   bash scripts/run_main.sh                  # quick; results in results/
-#   bash scripts/run_main.sh --full           # all methods, both tasks (~10-15 min)
+#   bash scripts/run_main.sh --full           # all methods, all three tasks (~10-15 min)
 #   bash scripts/run_main.sh --rate 10gbit --out results/10g
 #
 # Extra arguments go to benchmarks/compare.py (see --help). The bandwidth cap needs root and
