@@ -1,6 +1,14 @@
 """Time of one sync on 2 ranks: our fused path vs the alternatives, side by side in one run.
 
     .venv/bin/python benchmarks/bench_sync.py            # launches horovodrun (gloo, then mpi)
+    .venv/bin/python benchmarks/bench_sync.py --rate 10gbit --controllers gloo
+                                  # Gloo over a tc-capped loopback (compare.py's BandwidthCap)
+
+Two local ranks normally talk through shared memory (MPI) or an uncapped loopback (Gloo), where
+the allreduce itself costs only a few memory passes; ``--rate`` runs the ranks in a private network
+namespace whose ``lo`` is capped (root and ``tc`` needed), so the floor is a network transfer
+as on a cluster. Gloo only then: Open MPI's local ranks use shared memory whatever the cap, and
+horovodrun already passes its own ``--mca btl`` (a second one is refused).
 
 Methods (all average the same tensors over the ranks):
   (a) fused    horovod_local's sync: pack -> ONE allreduce per dtype -> fused unpack
@@ -53,7 +61,9 @@ def worker(out: str, repeats: int) -> None:
     for model_name, (n_tensors, total) in MODELS.items():
         params = [torch.nn.Parameter(torch.randn(s) * (hvd.rank() + 1)) for s in _shapes(n_tensors, total)]
         opt = hlt.DistributedLocalOptimizer(torch.optim.SGD(params, lr=0.1), period=1_000_000)
-        packed = torch.empty(total + 1)  # + our control element
+        # + our control and guard elements; real values (torch.empty may hold denormals or NaN,
+        # whose arithmetic in the summing allreduce is slower)
+        packed = torch.randn(total + 2)
 
         def fused():
             opt.synchronize()
@@ -81,7 +91,11 @@ def worker(out: str, repeats: int) -> None:
                    "d_cat": cat, "e_floor": floor}
         times = {k: [] for k in methods}
         for rep in range(repeats + 2):  # interleaved, so drift hits every method alike
-            for name, fn in methods.items():
+            # rotated, so that none always follows the same one (under a tc cap the token
+            # bucket refills in the gaps: the method after a light one would start with credit)
+            order = list(methods.items())
+            order = order[rep % len(order):] + order[:rep % len(order)]
+            for name, fn in order:
                 hvd.allreduce(torch.zeros(1), name="barrier")
                 t0 = time.perf_counter()
                 fn()
@@ -104,6 +118,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--controllers", default="gloo,mpi")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--rate", default="none", help="cap loopback bandwidth, e.g. 10gbit, 1gbit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -111,17 +126,37 @@ def main() -> None:
     results = {"date": str(date.today()), "machine": f"{platform.node()} {os.cpu_count()} cores",
                "command": " ".join([Path(sys.executable).name] + sys.argv), "runs": {}}
     exe = Path(sys.executable).with_name("horovodrun")
-    for c in args.controllers.split(","):
-        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-            env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
-            cmd = [str(exe), "-np", "2", "-H", "localhost:2", f"--{c}", sys.executable, __file__,
-                   "--worker", tmp.name, "--repeats", str(args.repeats)]
-            print(f"[bench_sync] {c}: {' '.join(cmd)}", flush=True)
-            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
-            results["runs"][c] = json.load(open(tmp.name))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare import BandwidthCap, parse_rate
+
+    rate_tc, rate_bits = parse_rate(args.rate)
+    cap = BandwidthCap(rate_tc, rate_bits, "auto")
+    try:
+        results["bandwidth_cap"] = cap.apply() if rate_tc else {"applied": False,
+                                                                "message": "uncapped"}
+        print(f"[bench_sync] bandwidth: {results['bandwidth_cap']['message']}", flush=True)
+        if rate_tc and not results["bandwidth_cap"].get("applied"):
+            raise SystemExit("[bench_sync] the cap could not be applied; not measuring")
+        for c in args.controllers.split(","):
+            if rate_tc and c != "gloo":
+                print(f"[bench_sync] {c}: skipped under a cap (local MPI ranks use shared "
+                      f"memory, not the capped loopback)", flush=True)
+                continue
+            with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+                           TF_CPP_MIN_LOG_LEVEL="3")
+                cmd = [*cap.prefix(), str(exe), "-np", "2", "-H", "localhost:2", f"--{c}",
+                       sys.executable, __file__, "--worker", tmp.name, "--repeats",
+                       str(args.repeats)]
+                print(f"[bench_sync] {c}: {' '.join(cmd)}", flush=True)
+                subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+                results["runs"][c] = json.load(open(tmp.name))
+    finally:
+        cap.remove()
     out_dir = ROOT / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"sync_{date.today()}.json"
+    tag = f"_{rate_tc}" if rate_tc else ""
+    out = out_dir / f"sync_{date.today()}{tag}.json"
     out.write_text(json.dumps(results, indent=1))
     print(f"\nbackend: {results['runs'][next(iter(results['runs']))][0]['backend']}")
     print("| controller | model | (a) fused ms | (b) per-tensor ms | (c) grouped ms | (d) cat ms | "
