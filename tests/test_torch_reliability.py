@@ -41,6 +41,9 @@ def test_mismatched_replicas_fail_on_every_rank(n, controller):
         assert "'weight'" in res["shape_mismatch"] and "rank 1" in res["shape_mismatch"]
         assert res["period_mismatch"].startswith("ValueError"), res["period_mismatch"]
         assert "schedule" in res["period_mismatch"] and "'period': 5" in res["period_mismatch"]
+        assert res["outer_mismatch"].startswith("ValueError"), res["outer_mismatch"]
+        assert "outer optimizer" in res["outer_mismatch"] and "outer_nesterov" in \
+            res["outer_mismatch"]
 
 
 @pytest.mark.parametrize("n,controller", JOBS)

@@ -75,6 +75,10 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
               ("config", "algorithm", self._hl_algorithm),
               ("config", "slowmo", (self._hl_slowmo_lr, self._hl_slowmo_momentum)),
               ("config", "inner optimizer", type(self).__name__),
+              # the factory only (its optimizer is made at the first round): as in Keras
+              ("config", "outer optimizer", None if self._hl_outer_factory is None else
+               "factory " + getattr(self._hl_outer_factory, "__qualname__",
+                                    type(self._hl_outer_factory).__name__)),
               ("config", "nonfinite", self._hl_nonfinite),
               ("config", "number of synced parameters", len(self._hl_params()))]
         fp += [("parameter", self._hl_names[p], (tuple(p.shape), str(p.dtype)))

@@ -95,6 +95,19 @@ def main():
                                       model.named_parameters(), period=4 + (rank == 1))
     res["period_mismatch"] = expect_error(period_mismatch)
 
+    def outer_sgd(p):
+        return torch.optim.SGD(p, lr=0.7)
+
+    def outer_nesterov(p):
+        return torch.optim.SGD(p, lr=0.7, momentum=0.9, nesterov=True)
+
+    def outer_mismatch():  # rank 1 passes another outer-optimizer factory
+        model = torch.nn.Linear(6, 4)
+        hlt.DistributedLocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                      model.named_parameters(), period=4,
+                                      outer_optimizer=outer_nesterov if rank == 1 else outer_sgd)
+    res["outer_mismatch"] = expect_error(outer_mismatch)
+
     # 2. a NaN on one rank reaches the sync at step 8: every rank raises, nothing written back
     model, opt = build(base)
     res["nan"] = expect_error(lambda: train(model, opt, rank, 1, 8, nan_at=7 if rank == 1 else None))
