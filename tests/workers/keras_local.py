@@ -187,12 +187,9 @@ def run_time_budget(cfg: dict, rank: int) -> dict:
     return result_of(opt, dense, rec)
 
 
-def run_ctl(cfg: dict, rank: int) -> dict:
+def custom_train_step(model, opt):
+    """A custom training loop's step (``tf.function``): loss, gradients, ``apply_gradients``."""
     import tensorflow as tf
-
-    model, dense = make_model()
-    opt = make_optimizer(cfg)
-    opt.build(model.trainable_variables)
 
     @tf.function
     def train_step(x, y):
@@ -201,6 +198,17 @@ def run_ctl(cfg: dict, rank: int) -> dict:
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
         return loss
+
+    return train_step
+
+
+def run_ctl(cfg: dict, rank: int) -> dict:
+    import tensorflow as tf
+
+    model, dense = make_model()
+    opt = make_optimizer(cfg)
+    opt.build(model.trainable_variables)
+    train_step = custom_train_step(model, opt)
 
     sync_steps = []
     for t in range(1, cfg["steps"] + 1):
@@ -341,14 +349,7 @@ def _mismatch(rank: int, what: str) -> str:
     if what == "ctl":  # a custom loop: the check runs when apply_gradients is first traced
         opt = hlk.DistributedLocalOptimizer(inner, period=4 + odd)
         opt.build(model.trainable_variables)
-
-        @tf.function
-        def step(xb, yb):
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(loss_fn(yb, model(xb, training=True)))
-            grads = tape.gradient(loss, model.trainable_variables)
-            opt.apply_gradients(zip(grads, model.trainable_variables))
-
+        step = custom_train_step(model, opt)
         return _error(lambda: step(tf.constant(x[:8]), tf.constant(y[:8])))
     model.compile(optimizer=opt, loss=loss_fn, jit_compile=False)
     callbacks = [hlk.BroadcastGlobalVariablesCallback(0)] if what == "shape" else []
