@@ -43,6 +43,20 @@ def make_inner(spec: dict, model: torch.nn.Module):
     raise ValueError(spec["name"])
 
 
+def wrapper_kwargs(cfg: dict) -> dict:
+    """DistributedLocalOptimizer's keyword arguments for a config in the reference's format."""
+    kw = dict(period=fixtures.schedule_from_spec(cfg["schedule"]),
+              warmup_steps=cfg.get("warmup_steps", 0), state_policy=cfg.get("state_policy", "keep"),
+              nonfinite=cfg.get("nonfinite", "raise"))
+    alg = cfg.get("algorithm") or {"name": "local_sgd"}
+    if alg["name"] == "slowmo":
+        kw.update(algorithm="slowmo", slowmo_lr=alg["alpha"], slowmo_momentum=alg["beta"])
+    elif alg["name"] == "outer_sgd":
+        kw["outer_optimizer"] = lambda p: torch.optim.SGD(
+            p, lr=alg["lr"], momentum=alg["momentum"], nesterov=alg["nesterov"])
+    return kw
+
+
 def run_config(cfg: dict) -> dict:
     import horovod.torch as hvd
     import horovod_local.torch as hlt
@@ -54,15 +68,8 @@ def run_config(cfg: dict) -> dict:
         opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(),
                                        op=hvd.Average)
     else:
-        kw = dict(period=fixtures.schedule_from_spec(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
-                  state_policy=cfg.get("state_policy", "keep"))
-        alg = cfg.get("algorithm") or {"name": "local_sgd"}
-        if alg["name"] == "slowmo":
-            kw.update(algorithm="slowmo", slowmo_lr=alg["alpha"], slowmo_momentum=alg["beta"])
-        elif alg["name"] == "outer_sgd":
-            kw["outer_optimizer"] = lambda p: torch.optim.SGD(
-                p, lr=alg["lr"], momentum=alg["momentum"], nesterov=alg["nesterov"])
-        opt = hlt.DistributedLocalOptimizer(inner, model.named_parameters(), **kw)
+        opt = hlt.DistributedLocalOptimizer(inner, model.named_parameters(),
+                                            **wrapper_kwargs(cfg))
     lr_fn = cfg["inner"].get("lr_schedule")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn) if lr_fn else None
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)

@@ -11,7 +11,7 @@ import torch  # noqa: E402
 
 import fixtures  # noqa: E402
 from _common import load_payload, main_guard, save_result  # noqa: E402
-from torch_local import Linear, make_inner  # noqa: E402
+from torch_local import Linear, make_inner, wrapper_kwargs  # noqa: E402
 
 
 def build(cfg: dict):
@@ -19,15 +19,8 @@ def build(cfg: dict):
 
     model = Linear()
     inner = make_inner(cfg["inner"], model)
-    kw = dict(period=fixtures.schedule_from_spec(cfg["schedule"]), warmup_steps=cfg.get("warmup_steps", 0),
-              state_policy=cfg.get("state_policy", "keep"), nonfinite=cfg.get("nonfinite", "raise"))
-    alg = cfg.get("algorithm") or {"name": "local_sgd"}
-    if alg["name"] == "slowmo":
-        kw.update(algorithm="slowmo", slowmo_lr=alg["alpha"], slowmo_momentum=alg["beta"])
-    elif alg["name"] == "outer_sgd":
-        kw["outer_optimizer"] = lambda p: torch.optim.SGD(
-            p, lr=alg["lr"], momentum=alg["momentum"], nesterov=alg["nesterov"])
-    return model, hlt.DistributedLocalOptimizer(inner, model.named_parameters(), **kw)
+    return model, hlt.DistributedLocalOptimizer(inner, model.named_parameters(),
+                                                **wrapper_kwargs(cfg))
 
 
 def train(model, opt, rank, first, last, nan_at=None):
