@@ -7,6 +7,8 @@ import keras
 import tensorflow as tf
 from keras import initializers
 
+from horovod_local.tensorflow.keras import _compat
+
 __all__ = ["LocalAdaAlter"]
 
 
@@ -67,6 +69,7 @@ class LocalAdaAlter(keras.optimizers.Optimizer):
         # Alone: refresh after every step. DistributedLocalOptimizer turns this off and refreshes
         # at its syncs (and after warm-up steps).
         self._auto_refresh = True
+        _compat.verify()  # the private Keras APIs used below (fails here, naming them)
 
     def build(self, var_list):
         if self.built:
@@ -87,7 +90,7 @@ class LocalAdaAlter(keras.optimizers.Optimizer):
                                               name="local_steps")
 
     def update_step(self, gradient, variable, learning_rate):
-        i = self._get_variable_index(variable)
+        i = _compat.variable_index(self, variable)
         a2, b2 = self._accumulators[i], self._denominators[i]
         dt = a2.dtype
         g = tf.cast(tf.convert_to_tensor(gradient), dt)
@@ -100,8 +103,12 @@ class LocalAdaAlter(keras.optimizers.Optimizer):
         self.assign_sub(variable, tf.cast(lr * g / denom, variable.dtype))
         self.assign_add(a2, g * g)
 
-    def _backend_apply_gradients(self, grads, trainable_variables):
-        super()._backend_apply_gradients(grads, trainable_variables)
+    def apply(self, grads, trainable_variables=None):
+        # Keras' step, then count it (and refresh when alone). The public ``apply`` rather than
+        # the private ``_backend_apply_gradients`` hook; ``apply`` with no gradients is a no-op.
+        if len(grads) == 0:
+            return super().apply(grads, trainable_variables)
+        super().apply(grads, trainable_variables)
         self._local_steps.assign_add(1)
         if self._auto_refresh:
             self.refresh_denominators()
