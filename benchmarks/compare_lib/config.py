@@ -1,0 +1,96 @@
+"""The methods, the tasks' settings and the run modes (what ``--smoke/--quick/--full`` run)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
+
+# label -> spec. "kind": horovod | local; "period": int | "adaptive" | "never";
+# "inner": default (the task's) | adaalter; "algorithm": local_sgd | slowmo.
+METHODS = {
+    "Horovod": {"kind": "horovod"},
+    "local SGD H=1": {"kind": "local", "period": 1},
+    "local SGD H=4": {"kind": "local", "period": 4},
+    "local SGD H=8": {"kind": "local", "period": 8},
+    "local SGD H=16": {"kind": "local", "period": 16},
+    "ADPSGD": {"kind": "local", "period": "adaptive"},
+    "Local AdaAlter H=1": {"kind": "local", "period": 1, "inner": "adaalter"},
+    "Local AdaAlter H=4": {"kind": "local", "period": 4, "inner": "adaalter"},
+    "Local AdaAlter H=8": {"kind": "local", "period": 8, "inner": "adaalter"},
+    "SlowMo H=8": {"kind": "local", "period": 8, "algorithm": "slowmo"},
+    "no-comm (H=inf)": {"kind": "local", "period": "never"},
+}
+
+# Per task: model/data settings and optimizer hyper-parameters (the same for every method).
+TASK_SETTINGS = {
+    "digits": {
+        "task_kwargs": {"hidden": 1024, "hidden2": 512, "batch": 32},
+        "inner": "sgd", "lr": 0.05, "momentum": 0.9, "lr_warmup_steps": 0,
+    },
+    "charlm": {
+        "task_kwargs": {"emb": 64, "hidden": 384, "seq": 64, "batch": 16},
+        "inner": "adagrad", "lr": 0.05, "lr_warmup_steps": 30,
+        # Local AdaAlter: eps is the per-step placeholder for g^2, b0^2 the initial denominator.
+        "adaalter_eps": 1e-3, "adaalter_b0sq": 1e-6,
+    },
+}
+# The same digits classifier in Keras 3: the torch task's data, split, batches per rank and
+# initial weights; the same SGD+momentum hyper-parameters (Keras' momentum form v = m v - lr g
+# equals torch's for a constant lr).
+TASK_SETTINGS["digits_keras"] = {**TASK_SETTINGS["digits"], "framework": "keras",
+                                 "base_task": "digits"}
+SLOWMO = {"slowmo_lr": 1.0, "slowmo_momentum": 0.5}
+ADPSGD_INITIAL_PERIOD = 4
+ADPSGD_SAMPLING_FRACTION = 0.2  # K_s = 0.2 * total steps (paper: 0.2-0.25)
+
+MODES = {
+    "smoke": {
+        "rate": "none",
+        "tasks": {"digits": {"steps": 16, "eval_every": 8,
+                             "methods": ["Horovod", "local SGD H=4"]},
+                  "digits_keras": {"steps": 16, "eval_every": 8,
+                                   "methods": ["Horovod", "local SGD H=8"]}},
+    },
+    "quick": {
+        "rate": "1gbit",
+        "tasks": {
+            "digits": {"steps": 300, "eval_every": 25, "extend": 0.25,
+                       "methods": ["Horovod", "local SGD H=8", "ADPSGD", "no-comm (H=inf)"]},
+            # One more launch (TensorFlow's start-up is ~10 s): keep it to 3 methods.
+            "digits_keras": {"steps": 300, "eval_every": 25, "extend": 0.25,
+                             "methods": ["Horovod", "local SGD H=8", "no-comm (H=inf)"]},
+            "charlm": {"steps": 160, "eval_every": 20, "extend": 0.25,
+                       "methods": ["Horovod", "local SGD H=8", "Local AdaAlter H=4",
+                                   "no-comm (H=inf)"]},
+        },
+    },
+    "full": {
+        "rate": "1gbit",
+        "tasks": {
+            "digits": {"steps": 600, "eval_every": 40, "extend": 0.3,
+                       "methods": ["Horovod", "local SGD H=1", "local SGD H=4", "local SGD H=8",
+                                   "local SGD H=16", "ADPSGD", "SlowMo H=8", "no-comm (H=inf)"]},
+            "digits_keras": {"steps": 600, "eval_every": 40, "extend": 0.3,
+                             "methods": ["Horovod", "local SGD H=1", "local SGD H=4",
+                                         "local SGD H=8", "local SGD H=16", "ADPSGD",
+                                         "SlowMo H=8", "no-comm (H=inf)"]},
+            "charlm": {"steps": 300, "eval_every": 30, "extend": 0.3,
+                       "methods": ["Horovod", "local SGD H=1", "local SGD H=4", "local SGD H=8",
+                                   "local SGD H=16", "ADPSGD", "Local AdaAlter H=1",
+                                   "Local AdaAlter H=4", "Local AdaAlter H=8", "SlowMo H=8",
+                                   "no-comm (H=inf)"]},
+        },
+    },
+}
+
+
+def make_period(hl, spec: dict, steps: int):
+    """The ``period`` argument of our wrappers for a method spec (same for both front ends)."""
+    p = spec["period"]
+    if p == "adaptive":
+        return hl.Adaptive(initial_period=ADPSGD_INITIAL_PERIOD,
+                           sampling_steps=max(1, int(ADPSGD_SAMPLING_FRACTION * steps)))
+    if p == "never":
+        return hl.Never()
+    return int(p)
+
