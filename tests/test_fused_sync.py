@@ -1,21 +1,51 @@
-"""FusedSync's buffer layout and its finiteness proof (no Horovod: the allreduce is replaced by
-the sum of the ranks' packed buffers, which is what op=Sum computes)."""
+"""The PyTorch backend's buffer layout and the pipeline's finiteness proof (no Horovod: the
+allreduce is replaced by the sum of the ranks' packed buffers, which is what op=Sum computes)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from horovod_local.torch.fused_sync import Bucket, FusedSync
+from horovod_local.core.config import SyncConfig
+from horovod_local.core.ops import ParamSlot
+from horovod_local.core.pipeline import RoundPipeline
+from horovod_local.schedules import Constant
+from horovod_local.torch.ops import TorchOps
+from horovod_local.stats import SyncStats
+
+
+class _Counters:
+    def __init__(self):
+        self.stats = SyncStats()
+
+    def get(self, name):
+        return getattr(self.stats, name)
+
+    def add(self, name, value):
+        setattr(self.stats, name, getattr(self.stats, name) + value)
+
+    def set(self, name, value):
+        setattr(self.stats, name, value)
+
+
+PIPELINE = RoundPipeline(SyncConfig(Constant(4)), TorchOps(process_set=None), _Counters())
+
+
+class FusedSync:
+    """The pipeline's finiteness check, as the old FusedSync spelled it."""
+
+    @staticmethod
+    def check_finite(buckets, bufs, step):
+        assert PIPELINE.verify_finite(buckets, bufs, step, "sync")
 
 
 def summed(per_rank: list[list[torch.Tensor]], dtype=torch.float32, control: bool = True):
     """Pack every rank's tensors as the sync does and sum the buffers (the allreduce's result)."""
     out, bucket = None, None
     for rank, tensors in enumerate(per_rank):
-        bucket = Bucket(dtype, params=[t.to(dtype) for t in tensors],
-                        names=[f"layer{j}.weight" for j in range(len(tensors))],
-                        has_control=control)
-        buf = FusedSync(process_set=None).pack(bucket, control=float(rank == 1))
+        slots = [ParamSlot(f"layer{j}.weight", t.to(dtype)) for j, t in enumerate(tensors)]
+        (bucket,) = PIPELINE.plan(slots)
+        bucket.has_control = control
+        buf = PIPELINE.ops.pack(bucket, control=float(rank == 1))
         out = buf.clone() if out is None else out + buf
     return bucket, out
 
@@ -25,7 +55,7 @@ def test_layout_data_control_guard():
     b = [torch.tensor([0.5, 0.5]), torch.tensor([[-7.0], [1.0]])]
     bucket, buf = summed([a, b])
     assert buf.tolist() == [1.5, -4.5, -5.0, 4.0, 1.0, 5.0 + 7.0]  # data, control, guard
-    assert bucket.numel() == 6 and bucket.data_numel() == 4
+    assert buf.numel() == 6 and bucket.data_numel() == 4
 
 
 def test_finite_sum_is_proved_by_one_read(monkeypatch):

@@ -1,100 +1,123 @@
 """``DistributedLocalOptimizer``: Horovod's DistributedOptimizer, but local steps + periodic syncs."""
 from __future__ import annotations
 
+import copy
+import os
 import time
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from horovod_local.config import NONFINITE_POLICIES, validate_sync_arguments
-from horovod_local.peer_failure import reporting_lost_ranks, start_heartbeat
-from horovod_local.schedules import PeriodSchedule, make_schedule
+from horovod_local.core.config import SyncConfig
+from horovod_local.core.ops import ParamSlot
+from horovod_local.core.pipeline import RoundPipeline
+from horovod_local.peer_failure import start_heartbeat
+from horovod_local.replicas import check_fingerprints
+from horovod_local.schedules import PeriodSchedule
 from horovod_local.stats import SyncStats
-from horovod_local.sync_protocol import DEVIATION_NAME
+from horovod_local.torch._kernels import state_dtype
 from horovod_local.torch.adaalter import LocalAdaAlter
-from horovod_local.torch.fused_sync import GRADIENT_ROUND, Bucket, FusedSync, check_round_kinds
+from horovod_local.torch.ops import FLOAT_DTYPES, TorchOps, allgather_object
 
 __all__ = ["DistributedLocalOptimizer"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+def _hvd():
+    """``horovod.torch``, imported on first use: the kernels, the core and the docs import this
+    package without starting Horovod."""
+    import horovod.torch as hvd
+
+    return hvd
+
+class _StatsCounters:
+    """The pipeline's counters over a ``SyncStats`` (plain attributes)."""
+
+    def __init__(self, opt: "_DistributedLocalOptimizer") -> None:
+        self._opt = opt
+
+    def get(self, name: str) -> Any:
+        return getattr(self._opt._hl_stats, name)
+
+    def add(self, name: str, value: Any) -> None:
+        st = self._opt._hl_stats
+        setattr(st, name, getattr(st, name) + value)
+
+    def set(self, name: str, value: Any) -> None:
+        setattr(self._opt._hl_stats, name, value)
+
+
+class _ScheduleHook:
+    """The pipeline's view of the schedule; keeps ``SyncStats.period`` current."""
+
+    def __init__(self, opt: "_DistributedLocalOptimizer") -> None:
+        self._opt = opt
+        self.needs_deviation = opt._hl_schedule.needs_deviation
+
+    def on_sync(self, *, step, lr, local_steps, deviation) -> None:
+        sched = self._opt._hl_schedule
+        sched.on_sync(step=step, lr=lr, local_steps=local_steps, deviation=deviation)
+        self._opt._hl_stats.period = sched.period
 
 
 class _DistributedLocalOptimizer(torch.optim.Optimizer):
     """Methods mixed into a run-time subclass of the user's optimizer class (as Horovod does),
-    so ``isinstance``, ``param_groups``, lr schedulers and ``state_dict`` keep working."""
+    so ``isinstance``, ``param_groups``, lr schedulers and ``state_dict`` keep working. The sync
+    itself is :class:`horovod_local.core.pipeline.RoundPipeline`; this class finds the tensors
+    (:meth:`_hl_slots`) and decides when."""
 
     # ---- construction ---------------------------------------------------------------------
-    def _hl_setup(self, named_parameters, period, warmup_steps, state_policy, algorithm,
-                  slowmo_lr, slowmo_momentum, outer_optimizer, process_set,
-                  nonfinite="raise") -> None:
-        import horovod.torch as hvd
-
+    def _hl_setup(self, named_parameters, config: SyncConfig, outer_optimizer,
+                  process_set) -> None:
+        hvd = _hvd()
         if not hvd.is_initialized():
             raise RuntimeError("horovod_local: call hvd.init() before DistributedLocalOptimizer")
-        self._hl_process_set = process_set if process_set is not None else hvd.global_process_set
-        if not self._hl_process_set.included():
-            raise ValueError(f"process_set: this rank ({hvd.rank()}) is not a member of "
-                             f"{self._hl_process_set!r}")
-        self._hl_size = self._hl_process_set.size()
+        ps = process_set if process_set is not None else hvd.global_process_set
+        if not ps.included():
+            raise ValueError(f"process_set: this rank ({hvd.rank()}) is not a member of {ps!r}")
         start_heartbeat(hvd.rank(), hvd.size())  # so a failed sync can name a lost rank
-        self._hl_schedule: PeriodSchedule = make_schedule(period)
-        self._hl_warmup_steps = warmup_steps
-        self._hl_state_policy = state_policy
-        self._hl_algorithm = "outer" if outer_optimizer is not None else algorithm
-        self._hl_slowmo_lr = slowmo_lr
-        self._hl_slowmo_momentum = slowmo_momentum
+        self._hl_config = config
+        self._hl_schedule: PeriodSchedule = config.schedule
         self._hl_outer_factory = outer_optimizer
         self._hl_outer: Optional[torch.optim.Optimizer] = None
         self._hl_names = _parameter_names(self, named_parameters)
-        self._hl_adaalter = isinstance(self, LocalAdaAlter)
-        if self._hl_adaalter:
-            if state_policy == "reset":
-                raise ValueError("state_policy='reset' does not apply to LocalAdaAlter: its "
-                                 "accumulators are always averaged at syncs (AdaAlter's own "
-                                 "rule); use 'keep'")
+        if config.adaalter:
             self._auto_refresh = False  # we refresh B2 at our syncs
-        self._hl_sync = FusedSync(self._hl_process_set)
         self._hl_anchors: Optional[list[torch.Tensor]] = None  # SlowMo / outer x0
         self._hl_momenta: Optional[list[torch.Tensor]] = None  # SlowMo u
+        self._hl_last_good: Optional[list[torch.Tensor]] = None  # nonfinite='skip' only
         self._hl_stats = SyncStats(period=self._hl_schedule.period)
         self._hl_round_start: Optional[float] = None
-        self._hl_nonfinite = nonfinite
-        self._hl_last_good: Optional[list[torch.Tensor]] = None  # nonfinite='skip' only
-        import os
-
+        self._hl_use_process_set(ps)
         # Elastic: a worker added later builds this while the others are in a reset, so a
         # collective here would pair with nothing; LocalTorchState.sync() checks instead.
         if os.environ.get("HOROVOD_ELASTIC") != "1":
             self._hl_check_replicas()
 
+    def _hl_use_process_set(self, ps: Any) -> None:
+        self._hl_process_set, self._hl_size = ps, ps.size()
+        self._hl_ops = TorchOps(ps)
+        self._hl_pipeline = RoundPipeline(
+            self._hl_config, self._hl_ops, _StatsCounters(self),
+            outer_step=lambda anchors, grads: self._hl_outer.step(),
+            reset_adaalter=self.reset_local_steps if self._hl_config.adaalter else None)
+
     def _hl_fingerprint(self) -> list:
-        """What every rank must agree on: synced tensors and the sync configuration."""
-        fp = [("config", "schedule", self._hl_schedule.describe()),
-              ("config", "warmup_steps", self._hl_warmup_steps),
-              ("config", "state_policy", self._hl_state_policy),
-              ("config", "algorithm", self._hl_algorithm),
-              ("config", "slowmo", (self._hl_slowmo_lr, self._hl_slowmo_momentum)),
-              ("config", "inner optimizer", type(self).__name__),
-              # the factory only (its optimizer is made at the first round): as in Keras
-              ("config", "outer optimizer", None if self._hl_outer_factory is None else
-               "factory " + getattr(self._hl_outer_factory, "__qualname__",
-                                    type(self._hl_outer_factory).__name__)),
-              ("config", "nonfinite", self._hl_nonfinite),
-              ("config", "number of synced parameters", len(self._hl_params()))]
-        fp += [("parameter", self._hl_names[p], (tuple(p.shape), str(p.dtype)))
-               for p in self._hl_params()]
-        return fp
+        """What every rank must agree on: the sync configuration and the synced tensors."""
+        factory = self._hl_outer_factory
+        # the factory only (its optimizer is made at the first round): as in Keras
+        outer = None if factory is None else \
+            "factory " + getattr(factory, "__qualname__", type(factory).__name__)
+        return self._hl_config.fingerprint(
+            type(self).__name__, outer, "parameter",
+            [(self._hl_names[p], tuple(p.shape), str(p.dtype)) for p in self._hl_params()])
 
     def _hl_check_replicas(self) -> None:
         """Fail on every rank, naming the first difference, if ranks were built differently
         (instead of a hang or a silent average of unrelated tensors at the first sync)."""
-
-        from horovod_local.replicas import check_fingerprints
-
         if self._hl_size == 1:
             return
-        mine = self._hl_fingerprint()
-        everyone = _allgather_object(mine, "horovod_local.fingerprint", self._hl_process_set)
+        everyone = allgather_object(self._hl_fingerprint(), "horovod_local.fingerprint",
+                                    self._hl_process_set)
         check_fingerprints(everyone)  # same list on every rank: every rank raises the same
 
     # ---- what is synced -------------------------------------------------------------------
@@ -102,100 +125,79 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         """Trainable parameters in a rank-independent order (param_groups order)."""
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _hl_lr_of(self) -> dict:
-        return {p: g["lr"] for g in self.param_groups for p in g["params"]}
-
-    def _hl_state_tensors(self, p: torch.Tensor) -> list[torch.Tensor]:
+    def _hl_state_tensors(self, p: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """The inner optimizer's floating state of ``p`` that a state policy acts on: tensors of
         the parameter's shape (momentum, moments), not scalar counters nor AdaAlter's A2/B2."""
         out = []
         for key, v in sorted(self.state.get(p, {}).items()):
-            if key in ("accumulator", "denominator") and self._hl_adaalter:
+            if key in ("accumulator", "denominator") and self._hl_config.adaalter:
                 continue
-            if torch.is_tensor(v) and v.dtype in _FLOAT_DTYPES and v.shape == p.shape:
-                out.append(v)
+            if torch.is_tensor(v) and v.dtype in FLOAT_DTYPES and v.shape == p.shape:
+                out.append((key, v))
         return out
 
-    def _hl_buckets(self, gradients: bool = False) -> list[Bucket]:
+    def _hl_slots(self) -> list[ParamSlot]:
+        """Every synced parameter with the tensors kept for it, for one round."""
         params = self._hl_params()
-        buckets: dict[torch.dtype, Bucket] = {}
-        lr_of = self._hl_lr_of()
+        lr_of = {p: g["lr"] for g in self.param_groups for p in g["params"]}
+        accum = dict(zip(params, self.accumulator_pairs(params))) \
+            if self._hl_config.adaalter else {}
+        slots = []
+        for i, p in enumerate(params):
+            states = self._hl_state_tensors(p)
+            a2, b2 = accum.get(p, (None, None))
+            anchor = self._hl_anchors[i] if self._hl_anchors is not None else None
+            slots.append(ParamSlot(
+                name=self._hl_names[p], value=p.data, lr=lr_of[p], anchor=anchor,
+                momentum=self._hl_momenta[i] if self._hl_momenta is not None else None,
+                pseudo_grad=anchor.grad if anchor is not None else None,
+                states=[v for _, v in states],
+                state_names=[f"{self._hl_names[p]}.{k}" for k, _ in states],
+                accumulator=a2, denominator=b2,
+                last_good=self._hl_last_good[i] if self._hl_last_good is not None else None))
+        return slots
 
-        def bucket(dtype):
-            if dtype not in _FLOAT_DTYPES:
-                raise TypeError(f"horovod_local syncs floating-point tensors only, got {dtype}")
-            return buckets.setdefault(dtype, Bucket(dtype))
-
-        if gradients:
-            for p in params:
-                if p.grad is None:  # as Horovod: a missing gradient is allreduced as zeros
-                    p.grad = torch.zeros_like(p)
-                if p.grad.is_sparse:
-                    raise ValueError(f"parameter {self._hl_names[p]!r} has a sparse gradient; "
-                                     f"horovod_local supports dense gradients only")
-                b = bucket(p.grad.dtype)
-                b.params.append(p.grad)
-                b.names.append(self._hl_names[p])
-        else:
-            accum = dict(zip(params, self.accumulator_pairs(params))) if self._hl_adaalter else {}
-            for i, p in enumerate(params):
-                b = bucket(p.dtype)
-                b.params.append(p.data)
-                b.names.append(self._hl_names[p])
-                if self._hl_anchors is not None:
-                    b.anchors.append(self._hl_anchors[i])
-                    b.lrs.append(lr_of[p])
-                    if self._hl_momenta is not None:
-                        b.momenta.append(self._hl_momenta[i])
-                    else:
-                        if self._hl_anchors[i].grad is None:
-                            self._hl_anchors[i].grad = torch.zeros_like(self._hl_anchors[i])
-                        b.grads.append(self._hl_anchors[i].grad)
-                if self._hl_state_policy == "average":
-                    for s in self._hl_state_tensors(p):
-                        bucket(s.dtype).states.append(s)
-                if p in accum:
-                    a2, b2 = accum[p]
-                    ab = bucket(a2.dtype)
-                    ab.accumulators.append(a2)
-                    ab.denominators.append(b2)
-        out = list(buckets.values())
-        FusedSync.assign_control(out)
+    def _hl_gradient_slots(self) -> list[ParamSlot]:
+        out = []
+        for p in self._hl_params():
+            if p.grad is None:  # as Horovod: a missing gradient is allreduced as zeros
+                p.grad = torch.zeros_like(p)
+            if p.grad.is_sparse:
+                raise ValueError(f"parameter {self._hl_names[p]!r} has a sparse gradient; "
+                                 f"horovod_local supports dense gradients only")
+            out.append(ParamSlot(name=self._hl_names[p], value=p.grad))
         return out
 
     # ---- schedule decisions ---------------------------------------------------------------
     def _should_allreduce_gradients(self) -> bool:
-        return self._hl_stats.steps < self._hl_warmup_steps
+        return self._hl_stats.steps < self._hl_config.warmup_steps
 
     def _should_sync(self) -> bool:
         elapsed = time.perf_counter() - self._hl_round_start
         return self._hl_schedule.should_sync(self._hl_stats.local_steps, elapsed)
 
-    def _needs_anchors(self) -> bool:
-        return self._hl_algorithm in ("slowmo", "outer") and self._hl_anchors is None
+    def _should_make_anchors(self) -> bool:
+        return self._hl_config.needs_anchors and self._hl_anchors is None
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self, closure: Optional[Callable[[], float]] = None):
+        st = self._hl_stats
         if self._should_allreduce_gradients():
-            if self._hl_allreduce_gradients():
-                loss = super(self.__class__, self).step(closure)
-            else:  # nonfinite='skip': a rank sent NaN/Inf gradients; nobody takes this step
-                loss = None
-            self._hl_stats.steps += 1
-            self._hl_stats.warmup_steps_done += 1
-            self._hl_stats.bytes_per_step_allreduce += self._hl_grad_bytes()
-            if self._hl_adaalter:
+            with torch.no_grad():
+                ok = self._hl_pipeline.gradient_round(self._hl_gradient_slots(), st.steps + 1)
+            # nonfinite='skip' and a rank sent NaN/Inf gradients: nobody takes this step
+            loss = super(self.__class__, self).step(closure) if ok else None
+            st.steps += 1
+            st.warmup_steps_done += 1
+            st.bytes_per_step_allreduce += self._hl_grad_bytes()
+            if self._hl_config.adaalter:
                 self.refresh_denominators()  # replicas are identical: the local refresh is the sync
             return loss
-        if self._needs_anchors():
-            self._hl_make_anchors()
-        if self._hl_round_start is None:
-            self._hl_round_start = time.perf_counter()
-            self._hl_remember_good()
+        self._hl_maybe_start_round()
         loss = super(self.__class__, self).step(closure)
-        self._hl_stats.steps += 1
-        self._hl_stats.local_steps += 1
-        self._hl_stats.bytes_per_step_allreduce += self._hl_grad_bytes()
+        st.steps += 1
+        st.local_steps += 1
+        st.bytes_per_step_allreduce += self._hl_grad_bytes()
         if self._should_sync():
             self._hl_sync_round(joined=False)
         return loss
@@ -204,143 +206,44 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         return sum(p.numel() * p.element_size() for p in self._hl_params())
 
     @torch.no_grad()
-    def _hl_allreduce_gradients(self) -> bool:
-        """Average the gradients; False if the round was skipped (non-finite, policy 'skip')."""
-        t0 = time.perf_counter()
-        buckets = self._hl_buckets(gradients=True)
-        step = self._hl_stats.steps + 1
-        with self._hl_naming_lost_ranks(f"the gradient allreduce at step {step}"):
-            bufs, control, nbytes = self._hl_sync.allreduce(buckets, control=GRADIENT_ROUND)
-        self._hl_stats.bytes_sent += nbytes
-        check_round_kinds(control, self._hl_size, gradient_round=True)
-        if not self._hl_finite_or_skip(buckets, bufs, step):
-            return False
-        FusedSync.unpack_gradients(buckets, bufs, self._hl_size)
-        self._hl_stats.sync_seconds += time.perf_counter() - t0
-        return True
-
-    def _hl_finite_or_skip(self, buckets, bufs, step: int) -> bool:
-        """True if the summed buffers are finite. Otherwise raise (nonfinite='raise') or warn and
-        return False ('skip'). Every rank sees the same sum, so every rank decides the same."""
-        try:
-            FusedSync.check_finite(buckets, bufs, step)
-            return True
-        except FloatingPointError as err:
-            if self._hl_nonfinite == "raise":
-                raise
-            import warnings
-
-            warnings.warn(f"{err} Skipping this round (nonfinite='skip'): the model goes back to "
-                          f"the last good average.", RuntimeWarning, stacklevel=4)
-            self._hl_stats.skipped_rounds += 1
-            return False
-
-    @torch.no_grad()
-    def _hl_remember_good(self) -> None:
-        if self._hl_nonfinite == "skip":
-            params = self._hl_params()
-            if self._hl_last_good is None:
-                self._hl_last_good = [p.detach().clone() for p in params]
-            else:
-                for g, p in zip(self._hl_last_good, params):
-                    g.copy_(p)
-
-    @torch.no_grad()
-    def _hl_restore_good(self) -> None:
-        """After a skipped round: the last good average, and no state that may hold the NaN."""
-        for p, g in zip(self._hl_params(), self._hl_last_good):
-            p.copy_(g)
-            for s in self._hl_state_tensors(p):
-                s.zero_()
-        if self._hl_adaalter:
-            for a2, b2 in self.accumulator_pairs(self._hl_params()):
-                a2.copy_(b2)  # B2 is the last shared (good) denominator
-            self.reset_local_steps()
+    def _hl_maybe_start_round(self) -> None:
+        """Before a round's first local step (or a sync before any): make the anchors x0 and the
+        last good copy the first time, start the round's clock."""
+        if self._should_make_anchors():
+            self._hl_make_anchors()
+        if self._hl_config.nonfinite == "skip" and self._hl_last_good is None:
+            self._hl_last_good = [p.detach().clone() for p in self._hl_params()]
+        if self._hl_round_start is None:
+            self._hl_round_start = time.perf_counter()
 
     @torch.no_grad()
     def _hl_make_anchors(self) -> None:
         params = self._hl_params()
         # x0 in fp32 (fp64 for fp64 parameters), as SlowMo keeps its slow model.
-        wide = [torch.float64 if p.dtype == torch.float64 else torch.float32 for p in params]
-        self._hl_anchors = [p.detach().to(dt, copy=True) for p, dt in zip(params, wide)]
-        if self._hl_algorithm == "slowmo":
+        self._hl_anchors = [p.detach().to(state_dtype(p.dtype), copy=True) for p in params]
+        if self._hl_config.algorithm == "slowmo":
             self._hl_momenta = [torch.zeros_like(a) for a in self._hl_anchors]
         else:
-            self._hl_outer = self._hl_outer_factory(self._hl_anchors)
-            if not isinstance(self._hl_outer, torch.optim.Optimizer):
-                raise TypeError(f"outer_optimizer must return a torch.optim.Optimizer over the "
-                                f"anchors it is given, got {type(self._hl_outer).__name__}")
+            self._hl_make_outer()
+
+    def _hl_make_outer(self) -> None:
+        for a in self._hl_anchors:  # where the fused unpack writes the pseudo-gradient
+            a.grad = torch.zeros_like(a)
+        self._hl_outer = self._hl_outer_factory(self._hl_anchors)
+        if not isinstance(self._hl_outer, torch.optim.Optimizer):
+            raise TypeError(f"outer_optimizer must return a torch.optim.Optimizer over the "
+                            f"anchors it is given, got {type(self._hl_outer).__name__}")
 
     # ---- the sync round -----------------------------------------------------------------------
     @torch.no_grad()
     def _hl_sync_round(self, joined: bool) -> int:
         """One round; returns how many ranks have joined (summed control element)."""
-        t0 = time.perf_counter()
-        step = self._hl_stats.steps
-        if self._needs_anchors():
-            self._hl_make_anchors()
-        if self._hl_last_good is None:
-            self._hl_remember_good()  # synchronize() before any local step
-        buckets = self._hl_buckets()
-        with self._hl_naming_lost_ranks(f"the sync round at step {step}"):
-            bufs, n_joined, nbytes = self._hl_sync.allreduce(buckets,
-                                                             control=1.0 if joined else 0.0)
-        check_round_kinds(n_joined, self._hl_size, gradient_round=False)
-        if not self._hl_finite_or_skip(buckets, bufs, step):
-            self._hl_restore_good()
-            self._hl_stats.local_steps = 0
-            self._hl_stats.bytes_sent += nbytes
-            self._hl_round_start = time.perf_counter()
-            return int(round(n_joined))
-        if self._hl_algorithm == "slowmo":
-            for lr in (lr for b in buckets for lr in b.lrs):
-                if not lr > 0:
-                    raise ValueError(f"SlowMo divides the pseudo-gradient by the lr; got lr={lr!r}")
-        deviation = FusedSync.unpack(buckets, bufs, self._hl_size, self._hl_algorithm,
-                                     self._hl_slowmo_lr, self._hl_slowmo_momentum,
-                                     self._hl_schedule.needs_deviation)
-        if self._hl_algorithm == "outer":
-            self._hl_outer.step()
-            for p, a in zip(self._hl_params(), self._hl_anchors):
-                p.copy_(a)
-        if self._hl_state_policy == "reset":
-            for p in self._hl_params():
-                for s in self._hl_state_tensors(p):
-                    s.zero_()
-        if self._hl_adaalter:
-            self.reset_local_steps()
-        if self._hl_schedule.needs_deviation:
-            deviation = self._hl_mean_scalar(deviation)
-            self._hl_stats.last_deviation = deviation
-        self._hl_schedule.on_sync(step=step, lr=self.param_groups[0]["lr"],
-                                  local_steps=self._hl_stats.local_steps,
-                                  deviation=deviation if self._hl_schedule.needs_deviation else None)
-        st = self._hl_stats
-        st.syncs += 1
-        st.local_steps = 0
-        st.period = self._hl_schedule.period
-        st.bytes_sent += nbytes
-        st.sync_seconds += time.perf_counter() - t0
+        self._hl_maybe_start_round()
+        result = self._hl_pipeline.sync_round(
+            self._hl_slots(), joined=1.0 if joined else 0.0, step=self._hl_stats.steps,
+            lr=self.param_groups[0]["lr"], schedule=_ScheduleHook(self))
         self._hl_round_start = time.perf_counter()
-        self._hl_remember_good()
-        return int(round(n_joined))
-
-    def _hl_mean_scalar(self, value: float) -> float:
-        import horovod.torch as hvd
-
-        t = torch.tensor([value], dtype=torch.float64)
-        with self._hl_naming_lost_ranks("the deviation allreduce"):
-            hvd.allreduce_(t, name=DEVIATION_NAME, op=hvd.Sum,
-                           process_set=self._hl_process_set)
-        return float(t[0]) / self._hl_size
-
-    def _hl_naming_lost_ranks(self, what: str):
-        """Around a collective: a failure caused by a lost rank names it (Gloo launcher)."""
-        import horovod.torch as hvd
-
-        ps = self._hl_process_set
-        ranks = list(ps.ranks) if getattr(ps, "ranks", None) else list(range(hvd.size()))
-        return reporting_lost_ranks(hvd.rank(), ranks, what)
+        return int(round(result.joined))
 
     # ---- public API ---------------------------------------------------------------------------
     def synchronize(self) -> None:
@@ -365,8 +268,6 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
 
     def sync_stats(self) -> SyncStats:
         """A copy of this rank's sync statistics (syncs, period, bytes, time in sync)."""
-        import copy
-
         return copy.copy(self._hl_stats)
 
     @property
@@ -376,8 +277,7 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
     def broadcast_state(self, root_rank: int = 0) -> None:
         """Make every rank's parameters and full wrapper state (inner optimizer state, counters,
         schedule, SlowMo/outer state) equal to ``root_rank``'s. Collective."""
-        import horovod.torch as hvd
-
+        hvd = _hvd()
         state = self.state_dict() if hvd.rank() == root_rank else None
         state = hvd.broadcast_object(state, root_rank=root_rank, name="horovod_local.state",
                                      process_set=self._hl_process_set)
@@ -399,15 +299,13 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             process_set: the process set to sync over from now on (default: the global one;
                 Horovod's elastic re-init registers no other, so a custom one must be re-added).
         """
-        import horovod.torch as hvd
-
+        hvd = _hvd()
         ps = process_set if process_set is not None else hvd.global_process_set
         if ps.size() is None or not ps.included():
             raise ValueError(f"horovod_local: after the reset this rank ({hvd.rank()}) is not in an "
                              f"initialised process set {ps}; pass one registered after the reset")
         # every average divides by the cached size, and the buffers belong to the old set
-        self._hl_process_set, self._hl_size = ps, ps.size()
-        self._hl_sync = FusedSync(ps)
+        self._hl_use_process_set(ps)
         self._hl_check_replicas()
         self.broadcast_state(root_rank)
         # Fresh round: replicas are identical now, so the round position and x0 restart here.
@@ -417,7 +315,7 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             for a, p in zip(self._hl_anchors, self._hl_params()):
                 a.copy_(p)
         if self._hl_last_good is not None:
-            self._hl_remember_good()
+            self._hl_pipeline.remember_good(self._hl_slots())
 
     def state_dict(self) -> dict:
         sd = super(self.__class__, self).state_dict()
@@ -450,29 +348,12 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             if ours["momenta"] is not None:
                 self._hl_momenta = [m.to(p.device).clone() for m, p in zip(ours["momenta"], params)]
             else:
-                self._hl_outer = self._hl_outer_factory(self._hl_anchors)
+                self._hl_make_outer()
                 self._hl_outer.load_state_dict(ours["outer"])
         if ours.get("last_good") is not None:
             self._hl_last_good = [g.to(p.device).clone() for g, p in zip(ours["last_good"], params)]
         if ours["seconds_into_round"] is not None:
             self._hl_round_start = time.perf_counter() - ours["seconds_into_round"]
-
-
-def _allgather_object(obj: Any, name: str, process_set) -> list:
-    """``hvd.allgather_object`` within a process set (Horovod 0.28's takes none)."""
-    import pickle
-
-    import horovod.torch as hvd
-
-    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-    sizes = hvd.allgather(torch.tensor([data.numel()]), name=name + ".sizes",
-                          process_set=process_set)
-    blob = hvd.allgather(data, name=name, process_set=process_set)
-    out, off = [], 0
-    for n in sizes.tolist():
-        out.append(pickle.loads(blob[off: off + n].numpy().tobytes()))
-        off += n
-    return out
 
 
 def _parameter_names(opt: torch.optim.Optimizer, named_parameters) -> dict:
@@ -563,21 +444,17 @@ def DistributedLocalOptimizer(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if "_hl_process_set" in optimizer.__dict__:
         raise ValueError("optimizer is already a DistributedLocalOptimizer")
-    validate_sync_arguments(period, warmup_steps, state_policy, algorithm, slowmo_lr,
-                            slowmo_momentum)
     if outer_optimizer is not None and not callable(outer_optimizer):
         raise ValueError("outer_optimizer must be a callable anchors -> torch.optim.Optimizer")
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-    if outer_optimizer is not None and algorithm != "local_sgd":
-        raise ValueError("pass either algorithm='slowmo' or outer_optimizer, not both")
+    config = SyncConfig.from_arguments(period, warmup_steps, state_policy, algorithm, slowmo_lr,
+                                       slowmo_momentum, outer=outer_optimizer,
+                                       nonfinite=nonfinite,
+                                       adaalter=isinstance(optimizer, LocalAdaAlter))
 
     members = {k: v for k, v in _DistributedLocalOptimizer.__dict__.items()
                if k not in ("__dict__", "__weakref__")}
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), members)
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)  # same param_groups, state and hooks
-    wrapped._hl_setup(named_parameters, period, int(warmup_steps), state_policy, algorithm,
-                      float(slowmo_lr), float(slowmo_momentum), outer_optimizer, process_set,
-                      nonfinite)
+    wrapped._hl_setup(named_parameters, config, outer_optimizer, process_set)
     return wrapped

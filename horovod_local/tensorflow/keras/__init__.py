@@ -21,7 +21,7 @@ from horovod_local.schedules import (  # noqa: F401
     TimeBudget,
 )
 from horovod_local.stats import SyncStats  # noqa: F401
-from horovod_local.tensorflow.fused_sync import broadcast_variables  # noqa: F401
+from horovod_local.tensorflow.collectives import broadcast_variables  # noqa: F401
 from horovod_local.tensorflow.keras.adaalter import LocalAdaAlter  # noqa: F401
 from horovod_local.tensorflow.keras.callbacks import (  # noqa: F401
     BroadcastGlobalVariablesCallback,

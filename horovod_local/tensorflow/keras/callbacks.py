@@ -11,7 +11,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
-from horovod_local.tensorflow import fused_sync as fs
+from horovod_local.tensorflow import collectives as fs
 from horovod_local.tensorflow.keras.optimizer import DistributedLocalOptimizer
 
 __all__ = ["BroadcastGlobalVariablesCallback", "MetricAverageCallback", "FinalSyncCallback",

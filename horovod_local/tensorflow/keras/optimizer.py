@@ -7,19 +7,21 @@ import warnings
 from typing import Any, Callable, Optional, Union
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import initializers
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
-from horovod_local.config import NONFINITE_POLICIES, validate_sync_arguments
+from horovod_local.core.config import SyncConfig
+from horovod_local.core.ops import ParamSlot
+from horovod_local.core.pipeline import RoundPipeline
 from horovod_local.replicas import Entry, check_fingerprints
 from horovod_local.schedules import PeriodSchedule
 from horovod_local.stats import SyncStats
-from horovod_local.tensorflow import fused_sync as fs
+from horovod_local.tensorflow.collectives import allgather_object, variable_path
 from horovod_local.tensorflow.graph_schedule import GraphSchedule, schedule_from_config, \
     schedule_to_config
 from horovod_local.tensorflow.keras.adaalter import LocalAdaAlter
+from horovod_local.tensorflow.ops import TensorSlot, TFOps
 
 __all__ = ["DistributedLocalOptimizer"]
 
@@ -51,6 +53,44 @@ def _check_not_xla() -> None:
                            "model.compile(..., jit_compile=False) (Keras' 'auto' enables XLA on "
                            "GPU machines), or call apply_gradients outside jit_compile=True "
                            "functions.")
+
+
+class _VariableCounters:
+    """The pipeline's counters (``SyncStats`` fields) over the optimizer's variables."""
+
+    _NAMES = {"local_steps": "_hl_local_steps", "syncs": "_hl_syncs",
+              "bytes_sent": "_hl_bytes_sent", "sync_seconds": "_hl_sync_seconds",
+              "last_deviation": "_hl_last_deviation", "skipped_rounds": "_hl_skipped"}
+
+    def __init__(self, opt: "DistributedLocalOptimizer") -> None:
+        self._opt = opt
+
+    def _var(self, name: str):
+        return getattr(self._opt, self._NAMES[name])
+
+    def get(self, name: str) -> tf.Tensor:
+        return tf.convert_to_tensor(self._var(name))
+
+    def add(self, name: str, value) -> None:
+        v = self._var(name)
+        v.assign_add(tf.cast(value, v.dtype))
+
+    def set(self, name: str, value) -> None:
+        v = self._var(name)
+        v.assign(tf.cast(value, v.dtype))
+
+
+class _GraphScheduleHook:
+    """The pipeline's view of the schedule: its in-graph form (``GraphSchedule``)."""
+
+    def __init__(self, opt: "DistributedLocalOptimizer") -> None:
+        self._opt = opt
+        self.needs_deviation = opt._hl_gs.needs_deviation
+
+    def on_sync(self, *, step, lr, local_steps, deviation) -> None:
+        opt = self._opt
+        opt._hl_gs.on_sync(rounds=tf.convert_to_tensor(opt._hl_syncs), step=step, lr=lr,
+                           local_steps=local_steps, deviation=deviation)
 
 
 @keras.saving.register_keras_serializable(package="horovod_local")
@@ -129,42 +169,32 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         if optimizer.gradient_accumulation_steps:
             raise ValueError("inner optimizers with gradient_accumulation_steps are not "
                              "supported (the step counters would count micro-steps)")
-        schedule = validate_sync_arguments(period, warmup_steps, state_policy, algorithm,
-                                           slowmo_lr, slowmo_momentum)
-        if outer_optimizer is not None:
-            if not (isinstance(outer_optimizer, keras.optimizers.Optimizer)
-                    or callable(outer_optimizer)):
-                raise ValueError("outer_optimizer must be a keras optimizer or a callable "
-                                 "anchors -> keras optimizer")
-            if algorithm != "local_sgd":
-                raise ValueError("pass either algorithm='slowmo' or outer_optimizer, not both")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        adaalter = isinstance(optimizer, LocalAdaAlter)
-        if adaalter and state_policy == "reset":
-            raise ValueError("state_policy='reset' does not apply to LocalAdaAlter: its "
-                             "accumulators are always averaged at syncs (AdaAlter's own rule); "
-                             "use 'keep'")
+        if outer_optimizer is not None and not (
+                isinstance(outer_optimizer, keras.optimizers.Optimizer) or callable(outer_optimizer)):
+            raise ValueError("outer_optimizer must be a keras optimizer or a callable "
+                             "anchors -> keras optimizer")
+        config = SyncConfig.from_arguments(period, warmup_steps, state_policy, algorithm,
+                                           slowmo_lr, slowmo_momentum, outer=outer_optimizer,
+                                           nonfinite=nonfinite,
+                                           adaalter=isinstance(optimizer, LocalAdaAlter))
 
         super().__init__(learning_rate=0.0, name=name or f"distributed_local_{optimizer.name}")
         self.inner_optimizer = optimizer
-        self._hl_schedule = schedule
-        self._hl_gs = GraphSchedule(schedule)
-        self._hl_warmup_steps = int(warmup_steps)
-        self._hl_state_policy = state_policy
-        self._hl_algorithm = "outer" if outer_optimizer is not None else algorithm
-        self._hl_slowmo_lr = float(slowmo_lr)
-        self._hl_slowmo_momentum = float(slowmo_momentum)
+        self._hl_schedule = config.schedule
+        self._hl_gs = GraphSchedule(config.schedule)
         self._hl_outer_arg = outer_optimizer
         self._hl_outer = outer_optimizer if isinstance(outer_optimizer,
                                                        keras.optimizers.Optimizer) else None
         self._hl_process_set_arg = process_set
-        self._hl_nonfinite = nonfinite
-        self._hl_adaalter = adaalter
-        if adaalter:
+        if config.adaalter:
             optimizer._auto_refresh = False  # refreshed at our syncs / warm-up steps
         # tf.functions and the process set, kept out of Keras/TF tracking
         object.__setattr__(self, "_hl_fns", {})
+        object.__setattr__(self, "_hl_config", config)
+
+    @property
+    def _hl_warmup_steps(self) -> int:
+        return self._hl_config.warmup_steps
 
     # ---- delegation to the inner optimizer -------------------------------------------------
     @property
@@ -248,14 +278,14 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             self._hl_gs.build(lambda nm, dt, val: self._hl_var(nm, dt, val))
             anchors = momenta = None
             self._hl_anchors_set = None
-            if self._hl_algorithm in ("slowmo", "outer"):
+            if self._hl_config.needs_anchors:
                 self._hl_anchors_set = self._hl_var("hl_anchors_set", "int64", 0)
                 anchors = []
                 for v in var_list:
                     dt = "float64" if _dtype_name(v.dtype) == "float64" else "float32"
                     anchors.append(self._hl_var(f"{self._hl_path(v)}_hl_anchor", dt, 0.0,
                                                 shape=v.shape))
-                if self._hl_algorithm == "slowmo":
+                if not self._hl_config.has_outer:  # SlowMo
                     momenta = [self._hl_var(f"{self._hl_path(v)}_hl_slow_momentum",
                                             _dtype_name(a.dtype), 0.0, shape=a.shape)
                                for v, a in zip(var_list, anchors)]
@@ -264,7 +294,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             # nonfinite='skip': the last good average (parameters after the last sync, or at
             # the first local step) to return to when a round is dropped
             self._hl_last_good = self._hl_good_set = self._hl_skipped = None
-            if self._hl_nonfinite == "skip":
+            if self._hl_config.nonfinite == "skip":
                 self._hl_skipped = self._hl_var("hl_skipped_rounds", "int64", 0)
                 self._hl_good_set = self._hl_var("hl_last_good_set", "int64", 0)
                 self._hl_last_good = [
@@ -272,7 +302,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                                  shape=v.shape) for v in var_list]
             # not saved: the wall-clock start of the current round (TimeBudget)
             self._hl_round_start = self._hl_var("hl_round_start", "float64", -1.0)
-        if self._hl_algorithm == "outer":
+        if self._hl_config.has_outer:
             if self._hl_outer is None:
                 outer = self._hl_outer_arg(list(anchors))
                 if not isinstance(outer, keras.optimizers.Optimizer):
@@ -281,7 +311,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                 self._hl_outer = outer
             self._hl_outer.build(list(anchors))
         # not an attribute Keras tracks: these are the inner optimizer's variables
-        object.__setattr__(self, "_hl_slots", self._hl_find_slots(var_list))
+        object.__setattr__(self, "_hl_slots_of", self._hl_find_slots(var_list))
 
     @staticmethod
     def _hl_path(v) -> str:
@@ -352,20 +382,10 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             # lr variable is not initialised before the step runs, so compare the class only
             outer_desc = ("factory " + getattr(arg, "__qualname__", type(arg).__name__),
                           type(self._hl_outer).__name__)
-        tvars = list(self._trainable_variables)
-        fp: list[Entry] = [
-            ("config", "schedule", self._hl_schedule.describe()),
-            ("config", "warmup_steps", self._hl_warmup_steps),
-            ("config", "state_policy", self._hl_state_policy),
-            ("config", "algorithm", self._hl_algorithm),
-            ("config", "slowmo", (self._hl_slowmo_lr, self._hl_slowmo_momentum)),
-            ("config", "inner optimizer", type(self.inner_optimizer).__name__),
-            ("config", "outer optimizer", outer_desc),
-            ("config", "nonfinite", self._hl_nonfinite),
-            ("config", "number of synced variables", len(tvars))]
-        fp += [("variable", fs.variable_path(v), (tuple(int(d) for d in v.shape),
-                                                  _dtype_name(v.dtype))) for v in tvars]
-        return fp
+        return self._hl_config.fingerprint(
+            type(self.inner_optimizer).__name__, outer_desc, "variable",
+            [(variable_path(v), tuple(int(d) for d in v.shape), _dtype_name(v.dtype))
+             for v in self._trainable_variables])
 
     def _hl_check_replicas(self) -> None:
         """Fail on every rank, naming the first difference, if ranks were built differently
@@ -381,7 +401,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         ps = self._hl_ps()
         if ps.size() > 1:
             with tf.init_scope():
-                everyone = fs.allgather_object(self._hl_fingerprint(),
+                everyone = allgather_object(self._hl_fingerprint(),
                                                "horovod_local.fingerprint", ps)
             check_fingerprints(everyone, hint=(
                 "Every rank must build the same model (same variable paths, shapes, dtypes, "
@@ -420,7 +440,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         lr = self._hl_current_lr()  # the lr this step uses (read before the inner step)
         step = tf.convert_to_tensor(self._iterations)
         in_warmup = step < W if W > 0 else None
-        skip = self._hl_last_good is not None
+        skip = self._hl_config.nonfinite == "skip"
         take_step = None  # nonfinite='skip': False when a warm-up allreduce was non-finite
 
         if W > 0:
@@ -465,7 +485,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         if W > 0:
             local_inc = tf.where(in_warmup, tf.constant(0, tf.int64), tf.constant(1, tf.int64))
             self._hl_warmup_done.assign_add(1 - local_inc)
-            if self._hl_adaalter:
+            if self._hl_config.adaalter:
                 tf.cond(in_warmup, self.inner_optimizer.refresh_denominators,
                         lambda: tf.constant(0.0, tf.float64))
         else:
@@ -488,48 +508,13 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                    for v in self._trainable_variables)
 
     def _hl_average_gradients(self, grads: list, step, order: tuple) -> list:
-        """Warm-up: sum the gradients over the ranks (one buffer per dtype), times 1/n."""
-        t0 = tf.timestamp()
-        n = self._hl_size()
-        buckets: dict = {}
-        where = []
-        for k, g in enumerate(grads):
-            b = fs.bucket_for(buckets, g.dtype)
-            where.append((b.dtype, len(b.params)))
-            b.params.append(g)
-            b.names.append("gradient of " + fs.variable_path(self._trainable_variables[order[k]]))
-        blist = list(buckets.values())
-        fs.assign_control(blist)
-        summed, ctrl, nbytes = fs.allreduce_buckets(blist, fs.GRADIENT_ROUND, self._hl_ps())
-        checks = [fs.check_round_kinds(ctrl, n, gradient_round=True)]
-        ok = None
-        if self._hl_last_good is None:
-            checks += fs.check_finite(blist, summed, step + 1, "warm-up gradient allreduce")
-        else:
-            with tf.control_dependencies(checks):
-                ok = fs.all_finite(blist, summed, step + 1, "warm-up gradient allreduce",
-                                   on_failure=lambda msg: self._hl_on_nonfinite(msg, "step"))
-        parts = {}
-        with tf.control_dependencies([c for c in checks if c is not None]):
-            for b, buf in zip(blist, summed):
-                avg = buf * tf.constant(1.0 / n, b.dtype)  # not tf.cast: that rounds via float32
-                parts[b.dtype], _ = fs.split(avg, b.params, 0)
-        out = [parts[dt][j] for dt, j in where]
-        self._hl_bytes_sent.assign_add(nbytes)
-        self._hl_sync_seconds.assign_add(tf.timestamp() - t0)
-        return out if ok is None else out + [ok]
-
-    def _hl_on_nonfinite(self, msg: tf.Tensor, what: str) -> tf.Tensor:
-        """nonfinite='skip', on the (rare) failure path: count the round and warn in Python."""
-        def warn(m: bytes) -> np.int64:
-            warnings.warn(f"{m.decode()} Skipping this {what} (nonfinite='skip')"
-                          + (": the model goes back to the last good average." if what == "round"
-                             else "."), RuntimeWarning, stacklevel=2)
-            return np.int64(0)
-
-        done = tf.numpy_function(warn, [msg], tf.int64, stateful=True)
-        with tf.control_dependencies([done]):
-            return tf.identity(self._hl_skipped.assign_add(1))
+        """Warm-up: the gradients averaged over the ranks (the core's gradient round); in
+        ``nonfinite='skip'`` mode followed by the round's "take the step" flag."""
+        slots = [ParamSlot("gradient of " + variable_path(self._trainable_variables[order[k]]),
+                           TensorSlot(tf.convert_to_tensor(g))) for k, g in enumerate(grads)]
+        ok = self._hl_pipeline().gradient_round(slots, step + 1)
+        out = [s.value.value() for s in slots]
+        return out + [ok] if self._hl_config.nonfinite == "skip" else out
 
     def _hl_remember_good(self) -> tf.Tensor:
         for v, g in zip(self._trainable_variables, self._hl_last_good):
@@ -549,141 +534,48 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         return tf.constant(0, tf.int64)
 
     # ---- the sync round --------------------------------------------------------------------
-    def _hl_buckets(self) -> list:
-        buckets: dict = {}
-        tvars = self._trainable_variables
-        pairs = self.inner_optimizer.accumulator_pairs() if self._hl_adaalter else None
-        for i, v in enumerate(tvars):
-            b = fs.bucket_for(buckets, v.dtype)
-            b.params.append(v)
-            b.names.append(fs.variable_path(v))
-            if self._hl_anchors is not None:
-                b.anchors.append(self._hl_anchors[i])
-                if self._hl_momenta is not None:
-                    b.momenta.append(self._hl_momenta[i])
-            if self._hl_state_policy == "average":
-                for s in self._hl_slots[i]:
-                    fs.bucket_for(buckets, s.dtype).states.append(s)
-            if pairs is not None:
-                a2, b2 = pairs[i]
-                ab = fs.bucket_for(buckets, a2.dtype)
-                ab.accumulators.append(a2)
-                ab.denominators.append(b2)
-        out = list(buckets.values())
-        fs.assign_control(out)
-        return out
+    def _hl_pipeline(self) -> RoundPipeline:
+        pipe = self._hl_fns.get("pipeline")
+        if pipe is None:
+            cfg = self._hl_config
+            pipe = RoundPipeline(
+                cfg, TFOps(self._hl_ps()), _VariableCounters(self),
+                outer_step=lambda anchors, grads: self._hl_outer.apply(
+                    [g.value() for g in grads], anchors),
+                reset_adaalter=self.inner_optimizer.reset_local_steps if cfg.adaalter else None)
+            self._hl_fns["pipeline"] = pipe
+        return pipe
+
+    def _hl_slots(self, lr: tf.Tensor) -> list[ParamSlot]:
+        """Every trainable variable with what is kept for it, for one round."""
+        pairs = self.inner_optimizer.accumulator_pairs() if self._hl_config.adaalter else None
+        slots = []
+        for i, v in enumerate(self._trainable_variables):
+            anchor = self._hl_anchors[i] if self._hl_anchors is not None else None
+            states = self._hl_slots_of[i] if self._hl_slots_of else []
+            slots.append(ParamSlot(
+                name=variable_path(v), value=v, lr=lr, anchor=anchor,
+                momentum=self._hl_momenta[i] if self._hl_momenta is not None else None,
+                pseudo_grad=TensorSlot.like(anchor) if anchor is not None else None,
+                states=states, state_names=[variable_path(x) for x in states],
+                accumulator=pairs[i][0] if pairs else None,
+                denominator=pairs[i][1] if pairs else None,
+                last_good=self._hl_last_good[i] if self._hl_last_good is not None else None))
+        return slots
 
     def _hl_sync_round(self, joined: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
         """One round (all ranks enter it once); returns how many ranks have joined."""
-        t0 = tf.timestamp()
-        n = self._hl_size()
-        step = tf.convert_to_tensor(self._iterations)
         if self._hl_anchors is not None:
             tf.cond(self._hl_anchors_set < 1, self._hl_init_anchors,
                     lambda: tf.constant(0, tf.int64))
         if self._hl_last_good is not None:  # synchronize() before any local step
             tf.cond(self._hl_good_set < 1, self._hl_remember_good,
                     lambda: tf.constant(0, tf.int64))
-        buckets = self._hl_buckets()
-        summed, ctrl, nbytes = fs.allreduce_buckets(buckets, joined, self._hl_ps())
-        checks = [fs.check_round_kinds(ctrl, n, gradient_round=False)]
-        if self._hl_algorithm == "slowmo":
-            checks.append(tf.debugging.Assert(lr > 0, [
-                "horovod_local: SlowMo divides the pseudo-gradient by the lr; got lr =", lr]))
-        if self._hl_last_good is None:
-            checks += fs.check_finite(buckets, summed, step)
-            self._hl_finish_round(buckets, summed, checks, n, step, lr, t0, nbytes)
-        else:  # nonfinite='skip': every rank sees the same sum, so takes the same branch
-            with tf.control_dependencies([c for c in checks if c is not None]):
-                ok = fs.all_finite(buckets, summed, step,
-                                   on_failure=lambda msg: self._hl_on_nonfinite(msg, "round"))
-            tf.cond(ok, lambda: self._hl_finish_round(buckets, summed, [], n, step, lr, t0,
-                                                      nbytes),
-                    lambda: self._hl_skip_round(nbytes))
-        return ctrl
-
-    def _hl_skip_round(self, nbytes: int) -> tf.Tensor:
-        """A dropped round: the last good average, and no state that may hold the NaN (as the
-        PyTorch wrapper: inner slots zeroed, AdaAlter's A2 back to the shared B2)."""
-        for v, g in zip(self._trainable_variables, self._hl_last_good):
-            v.assign(tf.convert_to_tensor(g))
-        for slots in self._hl_slots:
-            for s in slots:
-                s.assign(tf.zeros(s.shape, s.dtype))
-        if self._hl_adaalter:
-            for a2, b2 in self.inner_optimizer.accumulator_pairs():
-                a2.assign(tf.convert_to_tensor(b2))
-            self.inner_optimizer.reset_local_steps()
-        self._hl_local_steps.assign(0)
-        self._hl_bytes_sent.assign_add(nbytes)
+        result = self._hl_pipeline().sync_round(
+            self._hl_slots(lr), joined=joined, step=tf.convert_to_tensor(self._iterations),
+            lr=lr, schedule=_GraphScheduleHook(self))
         self._hl_round_start.assign(tf.timestamp())
-        return tf.constant(0.0, tf.float64)
-
-    def _hl_finish_round(self, buckets: list, summed: list, checks: list, n: int,
-                         step: tf.Tensor, lr: tf.Tensor, t0: tf.Tensor, nbytes: int) -> tf.Tensor:
-        """Write the round's result back (after ``checks``) and update the schedule/counters."""
-        need_dev = self._hl_gs.needs_deviation
-        deviation = tf.constant(0.0, tf.float64)
-        pseudo = []
-        with tf.control_dependencies([c for c in checks if c is not None]):
-            for b, buf in zip(buckets, summed):
-                avg = buf * tf.constant(1.0 / n, b.dtype)  # not tf.cast: that rounds via float32
-                xs, off = fs.split(avg, b.params, 0)
-                for k, (v, xa) in enumerate(zip(b.params, xs)):
-                    if need_dev:
-                        d = tf.cast(xa, tf.float64) - tf.cast(tf.convert_to_tensor(v), tf.float64)
-                        deviation = deviation + tf.reduce_sum(d * d)
-                    if self._hl_algorithm == "local_sgd":
-                        v.assign(xa)
-                    elif self._hl_algorithm == "slowmo":
-                        x0, u = b.anchors[k], b.momenta[k]
-                        wdt = x0.dtype
-                        lr_w = tf.cast(lr, wdt)
-                        x0v = tf.convert_to_tensor(x0)
-                        u_new = self._hl_slowmo_momentum * tf.convert_to_tensor(u) \
-                            + (x0v - tf.cast(xa, wdt)) / lr_w
-                        x0_new = x0v - self._hl_slowmo_lr * lr_w * u_new
-                        u.assign(u_new)
-                        x0.assign(x0_new)
-                        v.assign(tf.cast(x0_new, v.dtype))
-                    else:  # outer optimizer: pseudo-gradient x0 - x_avg
-                        x0 = b.anchors[k]
-                        pseudo.append((tf.convert_to_tensor(x0) - tf.cast(xa, x0.dtype), x0, v))
-                if b.states:
-                    parts, off = fs.split(avg, b.states, off)
-                    for s, p in zip(b.states, parts):
-                        s.assign(p)
-                if b.accumulators:
-                    parts, off = fs.split(avg, b.accumulators, off)
-                    for a2, b2, p in zip(b.accumulators, b.denominators, parts):
-                        a2.assign(p)
-                        b2.assign(p)
-        if pseudo:
-            self._hl_outer.apply([g for g, _, _ in pseudo], [a for _, a, _ in pseudo])
-            for _, a, v in pseudo:
-                v.assign(tf.cast(tf.convert_to_tensor(a), v.dtype))
-        if self._hl_state_policy == "reset":
-            for slots in self._hl_slots:
-                for s in slots:
-                    s.assign(tf.zeros(s.shape, s.dtype))
-        if self._hl_adaalter:
-            self.inner_optimizer.reset_local_steps()
-        dev_mean = None
-        if need_dev:
-            dev_mean = fs.allreduce_mean_scalar(deviation, n, self._hl_ps())
-            self._hl_last_deviation.assign(dev_mean)
-        local_steps = tf.convert_to_tensor(self._hl_local_steps)
-        self._hl_gs.on_sync(rounds=tf.convert_to_tensor(self._hl_syncs), step=step, lr=lr,
-                            local_steps=local_steps, deviation=dev_mean)
-        self._hl_syncs.assign_add(1)
-        self._hl_local_steps.assign(0)
-        self._hl_bytes_sent.assign_add(nbytes)
-        now = tf.timestamp()
-        self._hl_sync_seconds.assign_add(now - t0)
-        self._hl_round_start.assign(now)
-        if self._hl_last_good is not None:
-            self._hl_remember_good()
-        return tf.constant(0.0, tf.float64)
+        return result.joined
 
     # ---- public API ------------------------------------------------------------------------
     def _hl_require_built(self, what: str) -> None:
@@ -765,12 +657,12 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             "optimizer": serialize_keras_object(self.inner_optimizer),
             "period": schedule_to_config(self._hl_schedule),
             "warmup_steps": self._hl_warmup_steps,
-            "state_policy": self._hl_state_policy,
-            "algorithm": "local_sgd" if self._hl_algorithm == "outer" else self._hl_algorithm,
-            "slowmo_lr": self._hl_slowmo_lr,
-            "slowmo_momentum": self._hl_slowmo_momentum,
+            "state_policy": self._hl_config.state_policy,
+            "algorithm": self._hl_config.algorithm,
+            "slowmo_lr": self._hl_config.slowmo_lr,
+            "slowmo_momentum": self._hl_config.slowmo_momentum,
             "outer_optimizer": outer,
-            "nonfinite": self._hl_nonfinite,
+            "nonfinite": self._hl_config.nonfinite,
         }
 
     @classmethod

@@ -6,7 +6,7 @@ buffer carries one extra *control element*: 1.0 if the sending rank has joined, 
 and ``GRADIENT_ROUND`` in a warm-up (gradient) round. Its sum over the ranks tells everyone how
 many have joined, and a sum that fits neither kind means ranks are in different kinds of rounds,
 which must fail rather than average gradients with parameters. The PyTorch front end also ends
-every buffer with a *guard* element (see ``horovod_local.torch.fused_sync.FusedSync.check_finite``).
+every buffer with a *guard* element (see ``horovod_local.torch.ops``).
 """
 from __future__ import annotations
 

@@ -1,0 +1,108 @@
+"""``SyncConfig``: the sync arguments of ``DistributedLocalOptimizer``, validated once for both
+front ends (``ValueError`` naming the argument), and the configuration part of the replica
+fingerprint."""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from horovod_local.schedules import PeriodSchedule, make_schedule
+
+__all__ = ["SyncConfig", "STATE_POLICIES", "ALGORITHMS", "NONFINITE_POLICIES"]
+
+STATE_POLICIES = ("keep", "reset", "average")
+ALGORITHMS = ("local_sgd", "slowmo")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """What every rank's wrapper is configured with. Build it with :meth:`from_arguments`.
+
+    Attributes:
+        schedule: the period schedule (its own state lives in it, not in the config).
+        warmup_steps: steps with a per-step gradient allreduce before local steps start.
+        state_policy: ``'keep'`` | ``'reset'`` | ``'average'`` (the inner optimizer's state at
+            a sync).
+        algorithm: ``'local_sgd'`` or ``'slowmo'`` as the user gave it.
+        slowmo_lr, slowmo_momentum: SlowMo's alpha and beta.
+        outer: a description of the outer optimizer (None without one): the front end's
+            object or factory is kept by the front end.
+        nonfinite: ``'raise'`` | ``'skip'``.
+        adaalter: the inner optimizer is Local AdaAlter (its denominators sync too).
+    """
+
+    schedule: PeriodSchedule
+    warmup_steps: int = 0
+    state_policy: str = "keep"
+    algorithm: str = "local_sgd"
+    slowmo_lr: float = 1.0
+    slowmo_momentum: float = 0.5
+    outer: Any = None
+    nonfinite: str = "raise"
+    adaalter: bool = False
+
+    @classmethod
+    def from_arguments(cls, period: Union[int, float, PeriodSchedule, None], warmup_steps: Any,
+                       state_policy: Any, algorithm: Any, slowmo_lr: Any, slowmo_momentum: Any,
+                       outer: Any = None, nonfinite: Any = "raise",
+                       adaalter: bool = False) -> "SyncConfig":
+        """Check the user's arguments (each ``ValueError`` names its argument)."""
+        schedule = make_schedule(period)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) \
+                or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if state_policy not in STATE_POLICIES:
+            raise ValueError(f"state_policy must be one of {STATE_POLICIES}, got "
+                             f"{state_policy!r}")
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        for name, v in (("slowmo_lr", slowmo_lr), ("slowmo_momentum", slowmo_momentum)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if not slowmo_lr > 0:
+            raise ValueError(f"slowmo_lr must be > 0, got {slowmo_lr!r}")
+        if not 0 <= slowmo_momentum < 1:
+            raise ValueError(f"slowmo_momentum must be in [0, 1), got {slowmo_momentum!r}")
+        if outer is not None and algorithm != "local_sgd":
+            raise ValueError("pass either algorithm='slowmo' or outer_optimizer, not both")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if adaalter and state_policy == "reset":
+            raise ValueError("state_policy='reset' does not apply to LocalAdaAlter: its "
+                             "accumulators are always averaged at syncs (AdaAlter's own rule); "
+                             "use 'keep'")
+        return cls(schedule, int(warmup_steps), state_policy, algorithm, float(slowmo_lr),
+                   float(slowmo_momentum), outer, nonfinite, bool(adaalter))
+
+    @property
+    def has_outer(self) -> bool:
+        return self.outer is not None
+
+    @property
+    def needs_anchors(self) -> bool:
+        """SlowMo and outer optimizers keep an anchor x0 per parameter."""
+        return self.algorithm == "slowmo" or self.has_outer
+
+    @property
+    def needs_deviation(self) -> bool:
+        return bool(self.schedule.needs_deviation)
+
+    def fingerprint(self, inner_name: str, outer_description: Optional[Any],
+                    tensor_kind: str, tensors: list[tuple[str, tuple, str]]) -> list:
+        """What every rank must agree on (``horovod_local.replicas``): this configuration, the
+        inner optimizer's class, the outer optimizer's description, then each synced tensor's
+        (name, shape, dtype) in buffer order, as ``(kind, name, value)`` entries."""
+        fp = [("config", "schedule", self.schedule.describe()),
+              ("config", "warmup_steps", self.warmup_steps),
+              ("config", "state_policy", self.state_policy),
+              ("config", "algorithm", "outer" if self.has_outer else self.algorithm),
+              ("config", "slowmo", (self.slowmo_lr, self.slowmo_momentum)),
+              ("config", "inner optimizer", inner_name),
+              ("config", "outer optimizer", outer_description),
+              ("config", "nonfinite", self.nonfinite),
+              ("config", f"number of synced {tensor_kind}s", len(tensors))]
+        fp += [(tensor_kind, name, (tuple(shape), dtype)) for name, shape, dtype in tensors]
+        return fp

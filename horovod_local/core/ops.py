@@ -1,0 +1,225 @@
+"""The op interface of a sync round: what a front end supplies so the core can run it.
+
+The core (:mod:`.algorithms`, :mod:`.pipeline`) writes every algorithm once against
+:class:`SyncOps`; the PyTorch front end implements it with the C++/CUDA kernels or their
+PyTorch fallback (eager: Python scalars, exceptions), the TensorFlow front end with TF ops
+inside a ``tf.function`` (graph: tensors, ``tf.cond``, asserts). So the core never branches on
+the framework: a value it gets back ("bool-like", "scalar") is a Python value in one and a
+tensor in the other, and control flow goes through :meth:`SyncOps.cond`.
+
+The fused unpacks and their exact arithmetic are specified in ``horovod_local.torch._kernels``
+(module docstring); every backend follows that specification.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+__all__ = ["Bucket", "ParamSlot", "SyncOps", "Counters"]
+
+
+@dataclass
+class ParamSlot:
+    """One synced parameter and the tensors kept for it (backend tensors or variables), as the
+    front end found them. The core decides which of them travel and what happens to them."""
+
+    name: str
+    value: Any  # the parameter (written in place), or a gradient in a warm-up round
+    lr: Any = None  # its group's learning rate (SlowMo)
+    anchor: Any = None  # SlowMo / outer x0
+    momentum: Any = None  # SlowMo u
+    pseudo_grad: Any = None  # where the outer optimizer reads its gradient (x0.grad)
+    states: Sequence[Any] = ()  # the inner optimizer's state of the parameter's shape
+    state_names: Sequence[str] = ()
+    accumulator: Any = None  # Local AdaAlter A2
+    denominator: Any = None  # Local AdaAlter B2
+    last_good: Any = None  # nonfinite='skip': the last good average
+
+
+@dataclass
+class Bucket:
+    """The tensors of one dtype that travel in one buffer, by section, in buffer order:
+    ``[params | states | accumulators | control? | backend extras (the torch guard)]``.
+    ``anchors``, ``momenta``, ``grads``, ``lrs`` run parallel to ``params`` and stay home."""
+
+    dtype: Any
+    dtype_name: str
+    params: list = field(default_factory=list)
+    anchors: list = field(default_factory=list)
+    momenta: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    lrs: list = field(default_factory=list)
+    states: list = field(default_factory=list)
+    accumulators: list = field(default_factory=list)
+    denominators: list = field(default_factory=list)
+    labels: list = field(default_factory=list)  # what each travelling tensor is, buffer order
+    sizes: list = field(default_factory=list)  # numel of each travelling tensor, buffer order
+    has_control: bool = False
+
+    def sections(self) -> list[list]:
+        return [self.params, self.states, self.accumulators]
+
+    def add(self, section: list, tensor: Any, label: str, numel: int) -> None:
+        """Append ``tensor`` to ``section``. Sections fill in order (params, then states, then
+        accumulators), which the plan guarantees by adding all params first."""
+        section.append(tensor)
+        self.labels.append(label)
+        self.sizes.append(int(numel))
+
+    def section_numel(self, section: list) -> int:
+        start = sum(len(s) for s in self.sections()[: self._index(section)])
+        return sum(self.sizes[start: start + len(section)])
+
+    def _index(self, section: list) -> int:
+        for i, s in enumerate(self.sections()):
+            if s is section:
+                return i
+        raise ValueError("not a section of this bucket")
+
+    def data_numel(self) -> int:
+        return sum(self.sizes)
+
+    def control_index(self) -> int:
+        """Where the control element sits (right after the data)."""
+        return self.data_numel()
+
+
+class Counters(Protocol):
+    """A front end's round counters (``SyncStats`` fields): Python attributes in PyTorch,
+    variables in Keras. Names: steps, local_steps, syncs, bytes_sent, sync_seconds,
+    last_deviation, skipped_rounds, ..."""
+
+    def get(self, name: str) -> Any: ...
+
+    def add(self, name: str, value: Any) -> None: ...
+
+    def set(self, name: str, value: Any) -> None: ...
+
+
+class SyncOps:
+    """The operations a backend supplies. Every method is small; see each docstring."""
+
+    #: wrap tensor names in quotes in messages (TF's assert would escape the quotes)
+    quote_names: bool = True
+
+    # ---- tensors ----------------------------------------------------------------------------
+    def dtype_of(self, t: Any) -> tuple[Any, str]:
+        """(backend dtype, its name such as 'float32'); TypeError for non-floating tensors."""
+        raise NotImplementedError
+
+    def numel(self, t: Any) -> int:
+        raise NotImplementedError
+
+    def size(self) -> int:
+        """Ranks in the process set (n)."""
+        raise NotImplementedError
+
+    def now(self) -> Any:
+        """Wall clock in seconds (float64)."""
+        raise NotImplementedError
+
+    # ---- a round's buffers ------------------------------------------------------------------
+    def pack(self, bucket: Bucket, control: Any) -> Any:
+        """The bucket's flat buffer: its sections in order, the control element if the bucket
+        has it, then whatever the backend appends to prove finiteness cheaply."""
+        raise NotImplementedError
+
+    def allreduce_sum(self, buckets: Sequence[Bucket], bufs: Sequence[Any], what: str,
+                      step: Any) -> list:
+        """One summing allreduce per buffer, named by the wire protocol; ``what`` and ``step``
+        describe the round for error messages (a lost rank)."""
+        raise NotImplementedError
+
+    def nbytes(self, buf: Any) -> int:
+        """Bytes a packed buffer puts on the wire (Python int)."""
+        raise NotImplementedError
+
+    def element(self, buf: Any, index: int) -> Any:
+        """One element of a summed buffer, as a float64 scalar."""
+        raise NotImplementedError
+
+    def proves_finite(self, bucket: Bucket, buf: Any) -> Any:
+        """Cheap proof that a summed buffer is finite (bool-like); False means "search"."""
+        raise NotImplementedError
+
+    def locate_nonfinite(self, bucket: Bucket, buf: Any) -> Any:
+        """Index (into ``bucket.labels``, then the control element) of the first segment
+        holding NaN/Inf, or -1 if all are finite."""
+        raise NotImplementedError
+
+    # ---- the fused unpacks (specified in horovod_local.torch._kernels) ------------------------
+    def unpack_average(self, buf: Any, tensors: list, scale: float, offset: int) -> None:
+        raise NotImplementedError
+
+    def unpack_average_deviation(self, buf: Any, tensors: list, scale: float,
+                                 offset: int) -> Any:
+        raise NotImplementedError
+
+    def unpack_slowmo(self, buf: Any, params: list, anchors: list, momenta: list, scale: float,
+                      lrs: list, alpha: float, beta: float, offset: int) -> Any:
+        raise NotImplementedError
+
+    def unpack_pseudo_grad(self, buf: Any, params: list, anchors: list, grads: list,
+                           scale: float, offset: int) -> Any:
+        raise NotImplementedError
+
+    def unpack_adaalter(self, buf: Any, accumulators: list, denominators: list, scale: float,
+                        offset: int) -> None:
+        raise NotImplementedError
+
+    # ---- state --------------------------------------------------------------------------------
+    def zero(self, tensors: Sequence[Any]) -> None:
+        raise NotImplementedError
+
+    def copy(self, dst: Sequence[Any], src: Sequence[Any]) -> None:
+        """``dst[i] = src[i]`` (cast to dst's dtype), in place."""
+        raise NotImplementedError
+
+    def mean_scalar(self, value: Any) -> Any:
+        """Mean over the ranks of one float64 scalar (ADPSGD's S)."""
+        raise NotImplementedError
+
+    # ---- control flow and errors ----------------------------------------------------------------
+    def cond(self, pred: Any, then_fn: Callable[[], Any], else_fn: Callable[[], Any]) -> Any:
+        raise NotImplementedError
+
+    def all_true(self, preds: Sequence[Any]) -> Any:
+        raise NotImplementedError
+
+    def any_true(self, preds: Sequence[Any]) -> Any:
+        raise NotImplementedError
+
+    def logical_not(self, pred: Any) -> Any:
+        raise NotImplementedError
+
+    def true(self) -> Any:
+        raise NotImplementedError
+
+    def false(self) -> Any:
+        raise NotImplementedError
+
+    def scalar(self, value: float) -> Any:
+        """A float64 scalar constant (what both branches of a cond return)."""
+        raise NotImplementedError
+
+    def check(self, pred: Any, error: type, message: Callable[[], Any]) -> Any:
+        """Fail with ``error(message())`` unless ``pred``; returns a token to run after."""
+        raise NotImplementedError
+
+    def after(self, tokens: Sequence[Any], fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` once ``tokens`` (checks) have passed."""
+        raise NotImplementedError
+
+    def message(self, parts: Sequence[Any]) -> Any:
+        """Join strings and scalars (a step counter) into one message."""
+        raise NotImplementedError
+
+    def pick(self, labels: Sequence[str], index: Any) -> Any:
+        """``labels[index]`` (index from :meth:`locate_nonfinite`, clamped at 0)."""
+        raise NotImplementedError
+
+    def warn(self, message: Any, suffix: str) -> Any:
+        """A RuntimeWarning ``message + suffix`` (on the rare failure path)."""
+        raise NotImplementedError
+
+

@@ -1,0 +1,225 @@
+"""One sync round, from plan to result, for both front ends.
+
+``step()`` asks the schedule and calls :meth:`RoundPipeline.sync_round` (or, in warm-up,
+:meth:`RoundPipeline.gradient_round`); the pipeline runs, top-down:
+
+1. plan: every component (algorithm, state policy, AdaAlter) adds its tensors to one bucket per
+   dtype; the control element goes to the widest dtype's bucket (``protocol``);
+2. exchange: pack each bucket into one flat buffer, one summing allreduce per buffer;
+3. verify: the control element (ranks in the same kind of round) and finiteness (a cheap proof
+   from the backend, an exact search naming the tensor only when that fails). Verification
+   returns what is wrong; the ``nonfinite`` policy decides: raise on every rank, or skip;
+4. unpack: each component writes its section back with a fused op, then its ``after`` step
+   (outer step, reset policy, AdaAlter's t' = 0);
+5. schedule update (with ADPSGD's deviation, averaged over the ranks) and the counters.
+
+Everything is written against :class:`~horovod_local.core.ops.SyncOps`, so the same code runs
+eagerly (PyTorch) and inside a ``tf.function`` (TensorFlow).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+from horovod_local.core import protocol
+from horovod_local.core.algorithms import Component, ModelAverage, components_for
+from horovod_local.core.config import SyncConfig
+from horovod_local.core.ops import Bucket, Counters, ParamSlot, SyncOps
+
+__all__ = ["RoundPipeline", "ScheduleHook", "RoundResult"]
+
+_SKIP_SYNC = ": the model goes back to the last good average."
+
+
+class ScheduleHook(Protocol):
+    """The front end's view of the schedule at a round's end."""
+
+    needs_deviation: bool
+
+    def on_sync(self, *, step: Any, lr: Any, local_steps: Any, deviation: Any) -> None: ...
+
+
+@dataclass
+class RoundResult:
+    """What a round returns: the summed control element (how many ranks have joined), and
+    whether the round was written back (False: dropped under ``nonfinite='skip'``)."""
+
+    joined: Any
+    applied: Any
+
+
+class RoundPipeline:
+    """Runs rounds for one wrapper. ``components`` default to :func:`components_for`.
+
+    Args:
+        config: the wrapper's :class:`SyncConfig`.
+        ops: the backend.
+        counters: the wrapper's counters (``SyncStats`` fields).
+        outer_step: ``step(anchors, grads)`` of the front end's outer optimizer (if any).
+        reset_adaalter: the inner Local AdaAlter's ``reset_local_steps`` (if any).
+    """
+
+    def __init__(self, config: SyncConfig, ops: SyncOps, counters: Counters,
+                 outer_step: Optional[Callable[[list, list], None]] = None,
+                 reset_adaalter: Optional[Callable[[], Any]] = None) -> None:
+        self.config, self.ops, self.counters = config, ops, counters
+        self.components: list[Component] = components_for(config, outer_step, reset_adaalter)
+
+    # ---- 1. plan ---------------------------------------------------------------------------
+    def plan(self, slots: Sequence[ParamSlot], components: Optional[Sequence[Component]] = None
+             ) -> list[Bucket]:
+        """One bucket per dtype; sections fill in buffer order (component by component)."""
+        ops, buckets = self.ops, {}
+
+        def bucket_for(t: Any) -> Bucket:
+            dtype, name = ops.dtype_of(t)
+            if name not in buckets:
+                buckets[name] = Bucket(dtype, name)
+            return buckets[name]
+
+        label = (lambda s: repr(s)) if ops.quote_names else (lambda s: s)
+        for comp in (self.components if components is None else components):
+            for slot in slots:
+                comp.plan(ops, slot, bucket_for, label)
+        out = list(buckets.values())
+        if not out:
+            raise TypeError("horovod_local: nothing to sync (no floating-point tensors)")
+        out[protocol.control_bucket_index([b.dtype_name for b in out])].has_control = True
+        return out
+
+    # ---- 2. exchange -------------------------------------------------------------------------
+    def exchange(self, buckets: Sequence[Bucket], control: Any, what: str, step: Any
+                 ) -> tuple[list, Any, int]:
+        """Pack and sum over the ranks: (summed buffers, summed control element, bytes sent)."""
+        ops = self.ops
+        bufs = [ops.pack(b, control) for b in buckets]
+        summed = ops.allreduce_sum(buckets, bufs, what, step)
+        ctrl = next(ops.element(s, b.control_index()) for b, s in zip(buckets, summed)
+                    if b.has_control)
+        nbytes = sum(ops.nbytes(buf) for buf in bufs)
+        return summed, ctrl, nbytes
+
+    # ---- 3. verify ---------------------------------------------------------------------------
+    def check_round_kind(self, control_sum: Any, gradient_round: bool) -> Any:
+        ok = protocol.round_kinds_agree(control_sum, self.ops.size(), gradient_round)
+        return self.ops.check(ok, RuntimeError, lambda: self.ops.message(
+            [protocol.ROUND_KIND_MISMATCH, " Summed control element: ", control_sum]))
+
+    def verify_finite(self, buckets: Sequence[Bucket], summed: Sequence[Any], step: Any,
+                      what: str) -> Any:
+        """Bool-like: every summed buffer is finite (the same on every rank). If not, raise
+        naming the step and the first non-finite tensor (``nonfinite='raise'``), or warn and
+        count a skipped round (``'skip'``) and return False."""
+        ops = self.ops
+        fast = ops.all_true([ops.proves_finite(b, s) for b, s in zip(buckets, summed)])
+
+        def search() -> Any:
+            msg, bad = None, None
+            for b, s in zip(buckets, summed):
+                idx = ops.locate_nonfinite(b, s)
+                labels = list(b.labels) + ["the control element"]
+                m = ops.message([f"horovod_local: non-finite values (NaN/Inf) in the {what} at "
+                                 "step ", step, ": the sum over ranks of ", ops.pick(labels, idx),
+                                 " contains NaN/Inf, so at least one rank diverged. Nothing was "
+                                 "written back."])
+                b_bad = idx >= 0
+                # the first bad bucket's message wins
+                msg = m if msg is None else ops.cond(bad, lambda msg=msg: msg, lambda m=m: m)
+                bad = b_bad if bad is None else ops.any_true([bad, b_bad])
+            if self.config.nonfinite == "raise":
+                token = ops.check(ops.logical_not(bad), FloatingPointError, lambda: msg)
+                return ops.after([token], lambda: ops.logical_not(bad))
+
+            def report() -> Any:
+                warned = ops.warn(msg, f" Skipping this {'round' if what == 'sync' else 'step'} "
+                                       f"(nonfinite='skip')"
+                                       + (_SKIP_SYNC if what == "sync" else "."))
+                self.counters.add("skipped_rounds", 1)
+                return ops.after([warned], ops.false)
+
+            return ops.cond(bad, report, ops.true)
+
+        return ops.cond(fast, ops.true, search)
+
+    # ---- a warm-up round ---------------------------------------------------------------------
+    def gradient_round(self, grads: Sequence[ParamSlot], step: Any) -> Any:
+        """Average the gradients (``slot.value``) over the ranks, in place; returns bool-like
+        "the step may be taken" (False: a rank sent NaN/Inf under ``nonfinite='skip'``: no
+        rank takes this step)."""
+        ops, t0 = self.ops, self.ops.now()
+        buckets = self.plan(grads, [ModelAverage()])
+        what = "warm-up gradient allreduce"
+        summed, ctrl, nbytes = self.exchange(buckets, protocol.GRADIENT_ROUND, what, step)
+        self.counters.add("bytes_sent", nbytes)
+        kind = self.check_round_kind(ctrl, gradient_round=True)
+        ok = ops.after([kind], lambda: self.verify_finite(buckets, summed, step, what))
+
+        def apply() -> Any:
+            # unconditionally: gradients are outputs, not state (a dropped step is not taken)
+            for b, s in zip(buckets, summed):
+                ops.unpack_average(s, b.params, 1.0 / ops.size(), 0)
+            self.counters.add("sync_seconds", ops.now() - t0)
+            return ok
+
+        return ops.after([ok], apply)
+
+    # ---- a sync round ------------------------------------------------------------------------
+    def sync_round(self, slots: Sequence[ParamSlot], *, joined: Any, step: Any, lr: Any,
+                   schedule: ScheduleHook) -> RoundResult:
+        """One round (every rank enters it once); ``joined`` is this rank's control value."""
+        ops, t0 = self.ops, self.ops.now()
+        buckets = self.plan(slots)
+        summed, ctrl, nbytes = self.exchange(buckets, joined, "sync round", step)
+        checks = [self.check_round_kind(ctrl, gradient_round=False)]
+        for comp in self.components:
+            checks += comp.check(ops, buckets)
+        ok = ops.after(checks, lambda: self.verify_finite(buckets, summed, step, "sync"))
+        def apply() -> Any:
+            return self._apply(slots, buckets, summed, step, lr, schedule, t0)
+
+        if self.config.nonfinite == "raise":  # ok passed its check, or raised
+            applied = ops.after([ok], apply)
+        else:
+            applied = ops.cond(ok, apply, lambda: self._drop(slots))
+        self.counters.set("local_steps", 0)
+        self.counters.add("bytes_sent", nbytes)
+        return RoundResult(joined=ctrl, applied=applied)
+
+    def _apply(self, slots, buckets, summed, step, lr, schedule: ScheduleHook, t0) -> Any:
+        """4.-5.: write the average back, run the components' after steps, update the schedule."""
+        ops, cfg = self.ops, self.config
+        need_dev = bool(schedule.needs_deviation)
+        scale = 1.0 / ops.size()
+        deviation = ops.scalar(0.0)
+        for b, s in zip(buckets, summed):
+            offset = 0
+            for comp, section in zip(self.components, b.sections()):
+                d = comp.unpack(ops, b, s, scale, offset, need_dev)
+                if d is not None:
+                    deviation = deviation + d
+                offset += b.section_numel(section)
+        for comp in self.components:
+            comp.after(ops, slots)
+        if need_dev:
+            deviation = ops.mean_scalar(deviation)
+            self.counters.set("last_deviation", deviation)
+        schedule.on_sync(step=step, lr=lr, local_steps=self.counters.get("local_steps"),
+                         deviation=deviation if need_dev else None)
+        self.counters.add("syncs", 1)
+        self.counters.add("sync_seconds", ops.now() - t0)
+        if cfg.nonfinite == "skip":
+            ops.copy([sl.last_good for sl in slots], [sl.value for sl in slots])
+        return ops.true()
+
+    def _drop(self, slots) -> Any:
+        """A round dropped under ``nonfinite='skip'``: every rank back to the last good average,
+        and no state that may hold the NaN (SlowMo / outer state is untouched)."""
+        ops = self.ops
+        ops.copy([sl.value for sl in slots], [sl.last_good for sl in slots])
+        for comp in self.components:
+            comp.restore(ops, slots)
+        return ops.false()
+
+    def remember_good(self, slots: Sequence[ParamSlot]) -> None:
+        """``nonfinite='skip'``: the parameters now are the last good average."""
+        self.ops.copy([sl.last_good for sl in slots], [sl.value for sl in slots])
