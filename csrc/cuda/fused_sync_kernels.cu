@@ -253,37 +253,4 @@ cudaError_t hl_cuda_launch(int op, int dtype, void* buf, int64_t offset, const h
   }
 }
 
-cudaError_t hl_cuda_pack(int dtype, void* buf, int64_t offset, const hl_seg* d_segs, int nsegs,
-                         int64_t total, cudaStream_t stream) {
-  return hl_cuda_launch(HL_OP_PACK, dtype, buf, offset, d_segs, nsegs, total, 1.0, 0.0, nullptr, stream);
-}
-
-cudaError_t hl_cuda_unpack_average(int dtype, void* buf, int64_t offset, const hl_seg* d_segs,
-                                   int nsegs, int64_t total, double scale, cudaStream_t stream) {
-  return hl_cuda_launch(HL_OP_AVERAGE, dtype, buf, offset, d_segs, nsegs, total, scale, 0.0, nullptr, stream);
-}
-
-cudaError_t hl_cuda_unpack_average_deviation(int dtype, void* buf, int64_t offset,
-                                             const hl_seg* d_segs, int nsegs, int64_t total,
-                                             double scale, void* workspace, cudaStream_t stream) {
-  return hl_cuda_launch(HL_OP_AVERAGE_DEV, dtype, buf, offset, d_segs, nsegs, total, scale, 0.0, workspace, stream);
-}
-
-cudaError_t hl_cuda_unpack_slowmo(int dtype, void* buf, int64_t offset, const hl_seg* d_segs,
-                                  int nsegs, int64_t total, double scale, double beta,
-                                  void* workspace, cudaStream_t stream) {
-  return hl_cuda_launch(HL_OP_SLOWMO, dtype, buf, offset, d_segs, nsegs, total, scale, beta, workspace, stream);
-}
-
-cudaError_t hl_cuda_unpack_pseudo_grad(int dtype, void* buf, int64_t offset,
-                                       const hl_seg* d_segs, int nsegs, int64_t total,
-                                       double scale, void* workspace, cudaStream_t stream) {
-  return hl_cuda_launch(HL_OP_PSEUDO_GRAD, dtype, buf, offset, d_segs, nsegs, total, scale, 0.0, workspace, stream);
-}
-
-cudaError_t hl_cuda_unpack_adaalter(int dtype, void* buf, int64_t offset, const hl_seg* d_segs,
-                                    int nsegs, int64_t total, double scale, cudaStream_t stream) {
-  return hl_cuda_launch(HL_OP_ADAALTER, dtype, buf, offset, d_segs, nsegs, total, scale, 0.0, nullptr, stream);
-}
-
 }  // extern "C"

@@ -104,23 +104,6 @@ cudaError_t hl_cuda_launch(int op, int dtype, void* buf, int64_t offset, const h
                            int nsegs, int64_t total, double scale, double beta, void* workspace,
                            cudaStream_t stream);
 
-// Convenience wrappers, one per operation, with the same parameters.
-cudaError_t hl_cuda_pack(int dtype, void* buf, int64_t offset, const hl_seg* d_segs, int nsegs,
-                         int64_t total, cudaStream_t stream);
-cudaError_t hl_cuda_unpack_average(int dtype, void* buf, int64_t offset, const hl_seg* d_segs,
-                                   int nsegs, int64_t total, double scale, cudaStream_t stream);
-cudaError_t hl_cuda_unpack_average_deviation(int dtype, void* buf, int64_t offset,
-                                             const hl_seg* d_segs, int nsegs, int64_t total,
-                                             double scale, void* workspace, cudaStream_t stream);
-cudaError_t hl_cuda_unpack_slowmo(int dtype, void* buf, int64_t offset, const hl_seg* d_segs,
-                                  int nsegs, int64_t total, double scale, double beta,
-                                  void* workspace, cudaStream_t stream);
-cudaError_t hl_cuda_unpack_pseudo_grad(int dtype, void* buf, int64_t offset,
-                                       const hl_seg* d_segs, int nsegs, int64_t total,
-                                       double scale, void* workspace, cudaStream_t stream);
-cudaError_t hl_cuda_unpack_adaalter(int dtype, void* buf, int64_t offset, const hl_seg* d_segs,
-                                    int nsegs, int64_t total, double scale, cudaStream_t stream);
-
 #ifdef __cplusplus
 }  // extern "C"
 #endif
