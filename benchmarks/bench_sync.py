@@ -16,6 +16,8 @@ Methods (all average the same tensors over the ranks):
   (c) grouped  hvd.grouped_allreduce_ (op=Average)
   (d) cat      torch.cat + one allreduce + copy back (PyTorch's model averager's method)
   (e) floor    a bare allreduce of an already packed buffer of the same bytes
+  (p) previous (``--against REV``) (a) with the package as of git revision REV, imported in the
+               same processes as ``horovod_local_prev`` and timed interleaved with (a)
 Results: benchmarks/results/sync_<date>.json and a markdown table on stdout.
 """
 from __future__ import annotations
@@ -50,10 +52,35 @@ def _shapes(n_tensors: int, total: int) -> list[int]:
     return [int(s) for s in sizes]
 
 
-def worker(out: str, repeats: int) -> None:
+def _previous_package(rev: str, dest: Path) -> None:
+    """``horovod_local`` as of ``rev``, renamed ``horovod_local_prev`` under ``dest`` (its own
+    imports rewritten; the built CPU extension copied in: csrc/cpu must be unchanged since ``rev``)."""
+    import shutil
+
+    diff = subprocess.run(["git", "diff", "--stat", rev, "--", "csrc/cpu"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+    if diff.strip():
+        raise SystemExit(f"[bench_sync] csrc/cpu changed since {rev}: the built extension would "
+                         f"not be that revision's")
+    archive = subprocess.run(["git", "archive", rev, "horovod_local"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    pkg = dest / "horovod_local_prev"
+    (dest / "horovod_local").rename(pkg)
+    for f in pkg.rglob("*.py"):
+        f.write_text(f.read_text().replace("horovod_local", "horovod_local_prev"))
+    for so in (ROOT / "horovod_local").glob("_C*.so"):
+        shutil.copy(so, pkg / so.name)
+
+
+def worker(out: str, repeats: int, prev: str = "") -> None:
     import torch
     import horovod.torch as hvd
     import horovod_local.torch as hlt
+
+    if prev:
+        sys.path.insert(0, prev)
+        import horovod_local_prev.torch as hlt_prev
 
     hvd.init()
     torch.set_num_threads(1)
@@ -64,9 +91,15 @@ def worker(out: str, repeats: int) -> None:
         # + our control and guard elements; real values (torch.empty may hold denormals or NaN,
         # whose arithmetic in the summing allreduce is slower)
         packed = torch.randn(total + 2)
+        if prev:
+            opt_prev = hlt_prev.DistributedLocalOptimizer(torch.optim.SGD(params, lr=0.1),
+                                                          period=1_000_000)
 
         def fused():
             opt.synchronize()
+
+        def previous():
+            opt_prev.synchronize()
 
         def pertensor():
             hs = [hvd.allreduce_async_(p.data, name=f"pt.{i}", op=hvd.Average) for i, p in enumerate(params)]
@@ -89,6 +122,8 @@ def worker(out: str, repeats: int) -> None:
 
         methods = {"a_fused": fused, "b_pertensor": pertensor, "c_grouped": grouped,
                    "d_cat": cat, "e_floor": floor}
+        if prev:
+            methods["p_previous"] = previous
         times = {k: [] for k in methods}
         for rep in range(repeats + 2):  # interleaved, so drift hits every method alike
             # rotated, so that none always follows the same one (under a tc cap the token
@@ -108,7 +143,8 @@ def worker(out: str, repeats: int) -> None:
                for k, v in med.items()}
         rows.append({"model": model_name, "tensors": n_tensors, "params": total,
                      "bytes": 4 * total, "median_s": med, "repeats": repeats,
-                     "backend": hlt.backend_info()})
+                     "backend": hlt.backend_info(),
+                     "backend_previous": hlt_prev.backend_info() if prev else None})
     if hvd.rank() == 0:
         with open(out, "w") as f:
             json.dump(rows, f)
@@ -119,12 +155,19 @@ def main() -> None:
     ap.add_argument("--controllers", default="gloo,mpi")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--rate", default="none", help="cap loopback bandwidth, e.g. 10gbit, 1gbit")
+    ap.add_argument("--against", default="", metavar="REV",
+                    help="also time (a) as of git revision REV, interleaved in the same run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--prev-path", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.repeats)
+        return worker(args.worker, args.repeats, args.prev_path)
+    prev_dir = tempfile.TemporaryDirectory(prefix="hl-prev-") if args.against else None
+    if prev_dir is not None:
+        _previous_package(args.against, Path(prev_dir.name))
     results = {"date": str(date.today()), "machine": f"{platform.node()} {os.cpu_count()} cores",
-               "command": " ".join([Path(sys.executable).name] + sys.argv), "runs": {}}
+               "command": " ".join([Path(sys.executable).name] + sys.argv), "runs": {},
+               "against": args.against or None}
     exe = Path(sys.executable).with_name("horovodrun")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from compare import BandwidthCap, parse_rate
@@ -147,7 +190,7 @@ def main() -> None:
                            TF_CPP_MIN_LOG_LEVEL="3")
                 cmd = [*cap.prefix(), str(exe), "-np", "2", "-H", "localhost:2", f"--{c}",
                        sys.executable, __file__, "--worker", tmp.name, "--repeats",
-                       str(args.repeats)]
+                       str(args.repeats)] + (["--prev-path", prev_dir.name] if prev_dir else [])
                 print(f"[bench_sync] {c}: {' '.join(cmd)}", flush=True)
                 subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
                 results["runs"][c] = json.load(open(tmp.name))
@@ -170,6 +213,15 @@ def main() -> None:
                   f"{ms('c_grouped')} | {ms('d_cat')} | {ms('e_floor')} | "
                   f"{m['a_fused'] / m['e_floor']:.2f} | {m['b_pertensor'] / m['a_fused']:.2f} | "
                   f"{m['c_grouped'] / m['a_fused']:.2f} | {m['d_cat'] / m['a_fused']:.2f} |")
+    if prev_dir is not None:
+        print(f"\n(p) = (a) as of {args.against}:")
+        print("| controller | model | (a) ms | (p) ms | a/p |")
+        print("|---|---|---|---|---|")
+        for c, rows in results["runs"].items():
+            for r in rows:
+                m = r["median_s"]
+                print(f"| {c} | {r['model']} | {1e3 * m['a_fused']:.1f} | "
+                      f"{1e3 * m['p_previous']:.1f} | {m['a_fused'] / m['p_previous']:.3f} |")
     print(f"\nwritten: {out}")
 
 

@@ -358,14 +358,10 @@ def _keras_private_names() -> set[str]:
     return names
 
 
-# optimizer.py is being moved onto _compat in a separate change: remove it from here then
-PENDING = {"optimizer.py"}
 FRONT_END = sorted(p.name for p in KERAS_DIR.glob("*.py") if p.name != "_compat.py")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    reason="not yet moved onto _compat", strict=False)) if n in PENDING else n
-    for n in FRONT_END])
+@pytest.mark.parametrize("name", FRONT_END)
 def test_only_compat_uses_private_apis(name):
     src = (KERAS_DIR / name).read_text()
     code = "\n".join(line.split("#", 1)[0] for line in src.splitlines())

@@ -20,34 +20,20 @@ from horovod_local.stats import SyncStats
 from horovod_local.tensorflow.collectives import allgather_object, variable_path
 from horovod_local.tensorflow.graph_schedule import GraphSchedule, schedule_from_config, \
     schedule_to_config
+from horovod_local.tensorflow.keras import _compat
 from horovod_local.tensorflow.keras.adaalter import LocalAdaAlter
 from horovod_local.tensorflow.ops import TensorSlot, TFOps
 
 __all__ = ["DistributedLocalOptimizer"]
 
-_FLOAT = ("float16", "bfloat16", "float32", "float64")
-# attributes of Keras optimizers that hold per-variable lists which are NOT optimizer state
-_NOT_STATE = {"_trainable_variables", "_variables", "_accumulated_gradients",
-              "_model_variables_moving_average"}
-
-
 def _dtype_name(dtype) -> str:
     return tf.as_dtype(dtype).name
-
-
-def _is_variable(x) -> bool:
-    return isinstance(x, (keras.Variable, tf.Variable))
 
 
 def _check_not_xla() -> None:
     """Horovod's collectives have no XLA kernels (Keras' jit_compile='auto' enables XLA on
     GPU machines): fail with the fix instead of an obscure XLA error."""
-    try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - private TF module moved
-        return
-    if not tf.executing_eagerly() and control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()):
+    if _compat.in_xla_context():
         raise RuntimeError("horovod_local: the train step is XLA-compiled, but Horovod's "
                            "collectives have no XLA kernels. Compile the model with "
                            "model.compile(..., jit_compile=False) (Keras' 'auto' enables XLA on "
@@ -89,8 +75,7 @@ class _GraphScheduleHook:
 
     def on_sync(self, *, step, lr, local_steps, deviation) -> None:
         opt = self._opt
-        opt._hl_gs.on_sync(rounds=tf.convert_to_tensor(opt._hl_syncs), step=step, lr=lr,
-                           local_steps=local_steps, deviation=deviation)
+        opt._hl_gs.on_sync(step=step, lr=lr, local_steps=local_steps, deviation=deviation)
 
 
 @keras.saving.register_keras_serializable(package="horovod_local")
@@ -161,6 +146,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(f"optimizer must be a keras.optimizers.Optimizer (Keras 3), got "
                             f"{type(optimizer).__name__}")
+        _compat.verify()  # the Keras private APIs this wrapper uses are still there
         if isinstance(optimizer, DistributedLocalOptimizer):
             raise ValueError("optimizer is already a DistributedLocalOptimizer")
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -224,7 +210,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
     # ---- variables ------------------------------------------------------------------------
     @property
     def variables(self):
-        out = self._variables[:] + self.inner_optimizer.variables
+        out = _compat.own_variables(self) + self.inner_optimizer.variables
         if self._hl_outer is not None:
             out += self._hl_outer.variables
         return out
@@ -311,35 +297,12 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                 self._hl_outer = outer
             self._hl_outer.build(list(anchors))
         # not an attribute Keras tracks: these are the inner optimizer's variables
-        object.__setattr__(self, "_hl_slots_of", self._hl_find_slots(var_list))
+        object.__setattr__(self, "_hl_slots_of",
+                           _compat.slot_variables(self.inner_optimizer, var_list))
 
     @staticmethod
     def _hl_path(v) -> str:
         return (v.path if hasattr(v, "path") else v.name).replace("/", "_").replace(":", "_")
-
-    def _hl_find_slots(self, var_list) -> list:
-        """Per trainable variable, the inner optimizer's floating slot variables of its shape
-        (SGD momentum, Adam m / v, RMSprop ...): per-variable lists the optimizer built with
-        ``add_optimizer_variables``, found by scanning its attributes (sorted by name)."""
-        inner = self.inner_optimizer
-        n = len(var_list)
-        skip = _NOT_STATE | set(getattr(inner, "_hl_not_state", ()))
-        slots: list[list] = [[] for _ in range(n)]
-        for attr in sorted(vars(inner)):
-            val = vars(inner)[attr]
-            if attr in skip or not isinstance(val, (list, tuple)) or len(val) != n or n == 0:
-                continue
-            if not any(_is_variable(x) for x in val):
-                continue
-            ok = all(x is None or (_is_variable(x) and tuple(x.shape) == tuple(v.shape)
-                                   and _dtype_name(x.dtype) in _FLOAT)
-                     for x, v in zip(val, var_list))
-            if not ok:
-                continue
-            for i, x in enumerate(val):
-                if x is not None:
-                    slots[i].append(x)
-        return slots
 
     # ---- Horovod ---------------------------------------------------------------------------
     def _hl_ps(self):
@@ -385,7 +348,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         return self._hl_config.fingerprint(
             type(self.inner_optimizer).__name__, outer_desc, "variable",
             [(variable_path(v), tuple(int(d) for d in v.shape), _dtype_name(v.dtype))
-             for v in self._trainable_variables])
+             for v in _compat.trainable_variables(self)])
 
     def _hl_check_replicas(self) -> None:
         """Fail on every rank, naming the first difference, if ranks were built differently
@@ -421,103 +384,122 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             if not self.built:
                 raise ValueError("When passing `grads` without `variables`, the optimizer must "
                                  "already be built on a list of variables.")
-            trainable_variables = self._trainable_variables
+            trainable_variables = _compat.trainable_variables(self)
         else:
             trainable_variables = list(trainable_variables)
             if not self.built:
                 with keras.name_scope(self.name, caller=self):
                     self.build(trainable_variables)
                 self.built = True
-            self._check_variables_are_known(trainable_variables)
+            _compat.check_variables_known(self, trainable_variables)
         self._hl_check_replicas()
         _check_not_xla()
         with keras.name_scope(self.name, caller=self):
             self._hl_apply(grads, trainable_variables)
 
     def _hl_apply(self, grads: list, tvars: list) -> None:
-        W = self._hl_warmup_steps
-        gs = self._hl_gs
+        """The train step, as a pipeline of small in-graph steps (each a ``tf.cond`` on the
+        step counters): warm-up gradient round, round start, inner step, counters, sync."""
         lr = self._hl_current_lr()  # the lr this step uses (read before the inner step)
-        step = tf.convert_to_tensor(self._iterations)
-        in_warmup = step < W if W > 0 else None
+        step = tf.convert_to_tensor(_compat.iterations(self))
+        W = self._hl_warmup_steps
+        in_warmup = step < W if W > 0 else None  # None: no warm-up, every step is local
+        grads, take_step = self._hl_maybe_average_gradients(grads, tvars, step, in_warmup)
+        self._hl_maybe_start_round(in_warmup)
+        self._hl_inner_step(grads, tvars, take_step)
+        self._hl_count_step(in_warmup)
+        self._hl_maybe_sync(in_warmup, lr)
+
+    @staticmethod
+    def _hl_when(pred: tf.Tensor, in_warmup, fn: Callable, default) -> None:
+        """``fn()`` if ``pred`` and this is a local (not a warm-up) step."""
+        if in_warmup is not None:
+            pred = tf.logical_and(pred, tf.logical_not(in_warmup))
+        tf.cond(pred, fn, lambda: default)
+
+    def _hl_maybe_average_gradients(self, grads: list, tvars: list, step, in_warmup):
+        """Warm-up steps: the gradients averaged over the ranks; and, under
+        ``nonfinite='skip'``, whether the step may be taken (None: always)."""
+        if in_warmup is None:
+            return grads, None
         skip = self._hl_config.nonfinite == "skip"
-        take_step = None  # nonfinite='skip': False when a warm-up allreduce was non-finite
-
-        if W > 0:
-            idx = tuple(i for i, g in enumerate(grads) if g is not None)
-            dense = [tf.convert_to_tensor(grads[i]) for i in idx]
-            order = tuple(self._get_variable_index(tvars[i]) for i in idx)
-            avg_fn = self._hl_fn("grads", self._hl_average_gradients)
-            # in skip mode the averaged list ends with the round's "all finite" flag
-            new = tf.cond(in_warmup, lambda: avg_fn(dense, step, order),
-                          lambda: list(dense) + ([tf.constant(True)] if skip else []))
-            if skip:
-                new, take_step = new[:-1], new[-1]
-            for i, g in zip(idx, new):
-                grads[i] = g
+        idx = tuple(i for i, g in enumerate(grads) if g is not None)
+        dense = [tf.convert_to_tensor(grads[i]) for i in idx]
+        order = tuple(_compat.variable_index(self, tvars[i]) for i in idx)
+        avg_fn = self._hl_fn("grads", self._hl_average_gradients)
+        # in skip mode the averaged list ends with the round's "all finite" flag
+        new = tf.cond(in_warmup, lambda: avg_fn(dense, step, order),
+                      lambda: list(dense) + ([tf.constant(True)] if skip else []))
+        take_step = None
         if skip:
-            init = self._hl_good_set < 1
-            if W > 0:
-                init = tf.logical_and(init, tf.logical_not(in_warmup))
-            tf.cond(init, self._hl_remember_good, lambda: tf.constant(0, tf.int64))
-        if self._hl_anchors is not None:
-            init = self._hl_anchors_set < 1
-            if W > 0:
-                init = tf.logical_and(init, tf.logical_not(in_warmup))
-            tf.cond(init, self._hl_init_anchors, lambda: tf.constant(0, tf.int64))
-        if gs.kind == "time":
-            start = self._hl_round_start < 0
-            if W > 0:
-                start = tf.logical_and(start, tf.logical_not(in_warmup))
-            tf.cond(start, self._hl_start_round, lambda: tf.constant(0.0, tf.float64))
+            new, take_step = new[:-1], new[-1]
+        grads = list(grads)
+        for i, g in zip(idx, new):
+            grads[i] = g
+        return grads, take_step
 
+    def _hl_maybe_start_round(self, in_warmup) -> None:
+        """At the first local step: the last good copy, the anchors x0, the round clock."""
+        zero = tf.constant(0, tf.int64)
+        if self._hl_last_good is not None:
+            self._hl_when(self._hl_good_set < 1, in_warmup, self._hl_remember_good, zero)
+        if self._hl_anchors is not None:
+            self._hl_when(self._hl_anchors_set < 1, in_warmup, self._hl_init_anchors, zero)
+        if self._hl_gs.uses_clock:
+            self._hl_when(self._hl_round_start < 0, in_warmup, self._hl_start_round,
+                          tf.constant(0.0, tf.float64))
+
+    def _hl_inner_step(self, grads: list, tvars: list, take_step) -> None:
         if take_step is None:
             self.inner_optimizer.apply(grads, tvars)
-        else:  # a skipped warm-up round: no rank takes this step (as in the PyTorch wrapper)
-            def inner_step():
-                self.inner_optimizer.apply(grads, tvars)
-                return tf.constant(0, tf.int64)
-
-            tf.cond(take_step, inner_step, lambda: tf.constant(0, tf.int64))
-
-        self._iterations.assign_add(1)
-        self._hl_bytes_per_step.assign_add(self._hl_param_bytes())
-        if W > 0:
-            local_inc = tf.where(in_warmup, tf.constant(0, tf.int64), tf.constant(1, tf.int64))
-            self._hl_warmup_done.assign_add(1 - local_inc)
-            if self._hl_config.adaalter:
-                tf.cond(in_warmup, self.inner_optimizer.refresh_denominators,
-                        lambda: tf.constant(0.0, tf.float64))
-        else:
-            local_inc = tf.constant(1, tf.int64)
-        self._hl_local_steps.assign_add(local_inc)
-        if not gs.can_sync:
             return
-        local_steps = tf.convert_to_tensor(self._hl_local_steps)
-        since = tf.timestamp() - self._hl_round_start if gs.kind in ("time", "python") \
+
+        def inner_step():  # a dropped warm-up round: no rank takes this step (as in PyTorch)
+            self.inner_optimizer.apply(grads, tvars)
+            return tf.constant(0, tf.int64)
+
+        tf.cond(take_step, inner_step, lambda: tf.constant(0, tf.int64))
+
+    def _hl_count_step(self, in_warmup) -> None:
+        _compat.iterations(self).assign_add(1)
+        self._hl_bytes_per_step.assign_add(self._hl_param_bytes())
+        if in_warmup is None:
+            self._hl_local_steps.assign_add(1)
+            return
+        local_inc = tf.where(in_warmup, tf.constant(0, tf.int64), tf.constant(1, tf.int64))
+        self._hl_warmup_done.assign_add(1 - local_inc)
+        self._hl_local_steps.assign_add(local_inc)
+        if self._hl_config.adaalter:  # replicas are identical: the local refresh is the sync
+            tf.cond(in_warmup, self.inner_optimizer.refresh_denominators,
+                    lambda: tf.constant(0.0, tf.float64))
+
+    def _hl_maybe_sync(self, in_warmup, lr) -> None:
+        gs = self._hl_gs
+        if not gs.can_sync:  # Never: no sync op in the train step at all
+            return
+        since = tf.timestamp() - self._hl_round_start if gs.uses_clock \
             else tf.constant(0.0, tf.float64)
-        should = gs.should_sync(local_steps, since)
-        if W > 0:
-            should = tf.logical_and(should, tf.logical_not(in_warmup))
+        should = gs.should_sync(tf.convert_to_tensor(self._hl_local_steps), since)
         sync_fn = self._hl_fn("sync", self._hl_sync_round)
-        tf.cond(should, lambda: sync_fn(tf.constant(0.0, tf.float64), lr),
-                lambda: tf.constant(0.0, tf.float64))
+        self._hl_when(should, in_warmup, lambda: sync_fn(tf.constant(0.0, tf.float64), lr),
+                      tf.constant(0.0, tf.float64))
 
     def _hl_param_bytes(self) -> int:
         return sum(int(math.prod(v.shape)) * tf.as_dtype(v.dtype).size
-                   for v in self._trainable_variables)
+                   for v in _compat.trainable_variables(self))
 
     def _hl_average_gradients(self, grads: list, step, order: tuple) -> list:
         """Warm-up: the gradients averaged over the ranks (the core's gradient round); in
         ``nonfinite='skip'`` mode followed by the round's "take the step" flag."""
-        slots = [ParamSlot("gradient of " + variable_path(self._trainable_variables[order[k]]),
+        tvars = _compat.trainable_variables(self)
+        slots = [ParamSlot("gradient of " + variable_path(tvars[order[k]]),
                            TensorSlot(tf.convert_to_tensor(g))) for k, g in enumerate(grads)]
         ok = self._hl_pipeline().gradient_round(slots, step + 1)
         out = [s.value.value() for s in slots]
         return out + [ok] if self._hl_config.nonfinite == "skip" else out
 
     def _hl_remember_good(self) -> tf.Tensor:
-        for v, g in zip(self._trainable_variables, self._hl_last_good):
+        for v, g in zip(_compat.trainable_variables(self), self._hl_last_good):
             g.assign(tf.convert_to_tensor(v))
         self._hl_good_set.assign(1)
         return tf.constant(0, tf.int64)
@@ -528,7 +510,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
 
     def _hl_init_anchors(self):
         """x0 = the parameters, at the first local step (before it is taken)."""
-        for v, a in zip(self._trainable_variables, self._hl_anchors):
+        for v, a in zip(_compat.trainable_variables(self), self._hl_anchors):
             a.assign(tf.cast(tf.convert_to_tensor(v), a.dtype))
         self._hl_anchors_set.assign(1)
         return tf.constant(0, tf.int64)
@@ -550,7 +532,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         """Every trainable variable with what is kept for it, for one round."""
         pairs = self.inner_optimizer.accumulator_pairs() if self._hl_config.adaalter else None
         slots = []
-        for i, v in enumerate(self._trainable_variables):
+        for i, v in enumerate(_compat.trainable_variables(self)):
             anchor = self._hl_anchors[i] if self._hl_anchors is not None else None
             states = self._hl_slots_of[i] if self._hl_slots_of else []
             slots.append(ParamSlot(
@@ -572,8 +554,8 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             tf.cond(self._hl_good_set < 1, self._hl_remember_good,
                     lambda: tf.constant(0, tf.int64))
         result = self._hl_pipeline().sync_round(
-            self._hl_slots(lr), joined=joined, step=tf.convert_to_tensor(self._iterations),
-            lr=lr, schedule=_GraphScheduleHook(self))
+            self._hl_slots(lr), joined=joined,
+            step=tf.convert_to_tensor(_compat.iterations(self)), lr=lr, schedule=_GraphScheduleHook(self))
         self._hl_round_start.assign(tf.timestamp())
         return result.joined
 
@@ -589,7 +571,8 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         Callable eagerly or inside a ``tf.function``."""
         self._hl_require_built("synchronize")
         self._hl_check_replicas()
-        if tf.executing_eagerly() and int(self._iterations.numpy()) < self._hl_warmup_steps:
+        if tf.executing_eagerly() and \
+                int(_compat.iterations(self).numpy()) < self._hl_warmup_steps:
             raise RuntimeError("horovod_local: synchronize() during warm-up; replicas are "
                                "already identical while gradients are allreduced every step")
         self._hl_fn("sync", self._hl_sync_round)(tf.constant(0.0, tf.float64),
@@ -616,7 +599,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         if not self.built:
             return SyncStats(period=self._hl_schedule.period)
         return SyncStats(
-            steps=int(self._iterations.numpy()),
+            steps=int(_compat.iterations(self).numpy()),
             warmup_steps_done=int(self._hl_warmup_done.numpy()),
             syncs=int(self._hl_syncs.numpy()),
             period=float(self._hl_gs.period.numpy()),
@@ -633,7 +616,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         from the optimizer's variables."""
         if not self.built:
             return self._hl_schedule
-        return self._hl_gs.refresh_python(int(self._hl_syncs.numpy()))
+        return self._hl_gs.refresh_python()
 
     @property
     def outer_optimizer(self):
