@@ -3,7 +3,8 @@
 Config format = tests/reference.py's (inner / schedule / warmup_steps / state_policy /
 algorithm / steps), plus ``kind``: ``fit`` (default), ``ctl`` (custom training loop),
 ``callbacks``, ``save_load`` (exact resume after model.save / load_model), ``time_budget``,
-``reliability`` (mismatched replicas, NaN at a sync).
+``reliability`` (mismatched replicas, NaN at a sync); and for ``fit`` an optional ``dtype``
+("float64" by default, or "float32"): the model's, the data's and Keras' floatx for that config.
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ def _keras():
     return keras
 
 
-def make_model(perturb: float = 0.0):
+def make_model(perturb: float = 0.0, dtype: str = "float64"):
     keras = _keras()
-    dense = keras.layers.Dense(fixtures.OUT_FEATURES, dtype="float64", name="linear")
-    model = keras.Sequential([keras.Input((fixtures.IN_FEATURES,), dtype="float64"), dense])
+    dense = keras.layers.Dense(fixtures.OUT_FEATURES, dtype=dtype, name="linear")
+    model = keras.Sequential([keras.Input((fixtures.IN_FEATURES,), dtype=dtype), dense])
     p = fixtures.init_params()
     dense.kernel.assign(p["weight"].T + perturb)
     dense.bias.assign(p["bias"] + perturb)
@@ -46,9 +47,9 @@ def loss_fn(y, p):
     return 0.5 * tf.reduce_sum(tf.square(p - y), axis=-1)
 
 
-def data(rank: int, steps: int, first: int = 1):
+def data(rank: int, steps: int, first: int = 1, dtype: str = "float64"):
     xs, ys = zip(*(fixtures.make_batch(rank, t) for t in range(first, first + steps)))
-    return np.concatenate(xs), np.concatenate(ys)
+    return np.concatenate(xs).astype(dtype), np.concatenate(ys).astype(dtype)
 
 
 def make_lr(spec: dict):
@@ -162,10 +163,11 @@ def result_of(opt, dense, rec: Recorder, **extra) -> dict:
 
 
 def run_fit(cfg: dict, rank: int) -> dict:
-    model, dense = make_model()
+    dtype = cfg.get("dtype", "float64")
+    model, dense = make_model(dtype=dtype)
     opt = make_optimizer(cfg)
     model.compile(optimizer=opt, loss=loss_fn, jit_compile=False)
-    x, y = data(rank, cfg["steps"])
+    x, y = data(rank, cfg["steps"], dtype=dtype)
     rec = Recorder(opt)
     model.fit(x, y, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0,
               callbacks=[rec.callback()])
@@ -434,6 +436,7 @@ def main():
     for cfg in configs:
         t0 = time.perf_counter()
         kind = cfg.get("kind", "fit")
+        keras.config.set_floatx(cfg.get("dtype", "float64"))
         if kind == "fit":
             results[cfg["id"]] = run_fit(cfg, rank)
         elif kind == "ctl":

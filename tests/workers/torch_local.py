@@ -1,4 +1,5 @@
-"""Runs a list of optimizer configs on this rank; config format = tests/reference.py's."""
+"""Runs a list of optimizer configs on this rank; config format = tests/reference.py's, plus
+an optional ``dtype`` ("float64" by default, or "float32"): the model's and the data's dtype."""
 from __future__ import annotations
 
 import os
@@ -13,11 +14,11 @@ from _common import load_payload, main_guard, save_result  # noqa: E402
 
 
 class Linear(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype = torch.float64):
         super().__init__()
         init = fixtures.init_params()
-        self.weight = torch.nn.Parameter(torch.tensor(init["weight"], dtype=torch.float64))
-        self.bias = torch.nn.Parameter(torch.tensor(init["bias"], dtype=torch.float64))
+        self.weight = torch.nn.Parameter(torch.tensor(init["weight"], dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.tensor(init["bias"], dtype=dtype))
 
     def forward(self, x):
         return x @ self.weight.T + self.bias
@@ -62,7 +63,8 @@ def run_config(cfg: dict) -> dict:
     import horovod_local.torch as hlt
 
     rank, size = hvd.rank(), hvd.size()
-    model = Linear()
+    dtype = getattr(torch, cfg.get("dtype", "float64"))  # model and data dtype
+    model = Linear(dtype)
     inner = make_inner(cfg["inner"], model)
     if cfg.get("baseline") == "horovod":
         opt = hvd.DistributedOptimizer(inner, named_parameters=model.named_parameters(),
@@ -78,7 +80,7 @@ def run_config(cfg: dict) -> dict:
     sleep = cfg.get("sleep_per_step", [0.0] * size)[rank]
     rounds, sync_steps, periods, losses = [], [], [], []
     for t in range(1, steps + 1):
-        x, y = (torch.tensor(a) for a in fixtures.make_batch(rank, t))
+        x, y = (torch.tensor(a, dtype=dtype) for a in fixtures.make_batch(rank, t))
         opt.zero_grad()
         loss = 0.5 * ((model(x) - y) ** 2).sum() / x.shape[0]
         loss.backward()
