@@ -36,6 +36,51 @@ Choices this module makes where the specification leaves room (see also ``simula
 * AdaAlter's ``A2``/``B2`` are governed by AdaAlter's own sync rule (A2 always averaged); the
   state policy does not apply to them: ``keep`` and ``average`` are equivalent and ``reset`` is
   rejected (zeroing the denominators would break the algorithm).
+* Steps counted per rank vs. steps run by the inner optimizer: ``t`` (the rank's step counter,
+  1-based, counting every ``step()`` call, skipped or not) drives the warm-up boundary, the
+  period schedule, ``lr_schedule`` (``scheduler.step()`` is called once per ``step()`` call,
+  skipped or not, so step t uses ``lr * f(t - 1)``) and the batch ``make_batch(i, t)``. The
+  inner optimizer's own count (``opt_state[i]["step"]``) advances only when its step runs;
+  AdaAlter's ``lr_warmup_steps`` factor uses that own count, Adam's bias correction uses the
+  parameter's own ``step`` (torch.optim.Adam's per-parameter ``state["step"]``). Without skips
+  and ``no_grad`` all these counts coincide (the results equal the previous version bit for
+  bit). SEMANTICS.md does not say which count LambdaLR / AdaAlter's warm-up follow: decided
+  here.
+* ``skip_steps={i: [t, ...]}`` (AMP, GradScaler scale 1, so no unscaling arithmetic): in a
+  local step t of rank i, rank i computes its loss (recorded) but runs no inner step: its
+  parameters, inner state (momentum, Adam moments and ``step``), AdaAlter's ``A2``, ``B2``,
+  ``t'`` and own step count are unchanged; ``t`` and ``local_steps`` advance and a sync due
+  after step t happens; other ranks are unaffected. A warm-up step t in ANY rank's list: every
+  rank records its loss, the averaged gradient is non-finite, no rank runs the inner step, the
+  step counts (warm-up ends at ``warmup_steps`` all the same); AdaAlter's local refresh after
+  it is a no-op (``A2 == B2`` and ``t' = 0`` at every warm-up step). Skipped steps are
+  reported in ``skipped_steps``. A step number must be in ``1..steps[i]``.
+* ``no_grad={i: [name, ...]}``: rank i's ``.grad`` of those parameters is None in every step
+  it takes. Local steps: its inner optimizer skips them entirely (no update, no state created
+  or updated; AdaAlter leaves their ``A2`` alone; the step itself still runs for the other
+  parameters, so the optimizer's own count, AdaAlter's ``t'`` (one counter per optimizer
+  here) and the lr warm-up advance). Warm-up steps: rank i contributes zeros for them to the
+  gradient average (as Horovod does) and every rank steps on the average for every parameter;
+  SEMANTICS.md's "in warm-up, missing gradients are averaged as zeros" is read as "the branch
+  is not taken in warm-up either". ``no_grad_in_warmup=False`` instead computes them normally
+  in warm-up (None in local steps only), for a worker that drops gradients only after warm-up.
+  Parameters are averaged at every sync whatever their gradients.
+* Lazily created state with ``state_policy='average'``: before every sync (scheduled, explicit
+  and join rounds alike), for each parameter that has SGD/Adam state on some rank but not on
+  another (because of ``no_grad`` or of a skipped first step), the missing state is created
+  on those ranks with the entries of the lowest rank holding it: tensors as zeros of the same
+  shape, Adam's ``step`` counter as 0 (PyTorch 2's Adam ``step`` is a tensor, so "tensors as
+  zeros"; SEMANTICS.md's "non-tensor values copied" has nothing else to apply to here); then
+  the floating-point tensors (``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``) are averaged
+  over all ranks, the zeros counting in the mean; ``step`` is a counter, never averaged (it
+  stays 0 on the rank that created it while the gradient stays None). The state then exists
+  there: later local steps without a gradient leave it alone, later syncs average it.
+  ``keep``: no cross-rank effect (a rank may lack state for ever). ``reset``: each rank zeroes
+  the float tensors it holds and creates nothing. AdaAlter's ``A2``/``B2`` exist from
+  construction (``initial_accumulator_value``, as torch.optim.Adagrad creates its
+  accumulators eagerly), so they are never created as zeros: a rank without a gradient
+  contributes its unchanged ``A2`` to ``B2 = mean_i A2_i``. SEMANTICS.md does not say whether
+  AdaAlter's state is lazy: decided here.
 """
 from __future__ import annotations
 
@@ -79,7 +124,13 @@ def _grads(rank: int, step: int, params: Params) -> tuple[float, Params]:
 # Inner optimizers
 # --------------------------------------------------------------------------------------------
 class _Inner:
-    """One rank's inner optimizer (SGD, Adam or LocalAdaAlter) with torch-like state."""
+    """One rank's inner optimizer (SGD, Adam or LocalAdaAlter) with torch-like state.
+
+    SGD's and Adam's state is per parameter and created lazily, at the first step in which the
+    parameter has a gradient (``self.state[name]``: SGD ``{"momentum_buffer"}`` when momentum
+    is non-zero, Adam ``{"step", "exp_avg", "exp_avg_sq"}``, ``step`` being the parameter's own
+    count, as in ``torch.optim.Adam``). AdaAlter's ``A2``/``B2`` exist from construction.
+    """
 
     def __init__(self, spec: dict, names: list[str]) -> None:
         self.name: str = spec["name"]
@@ -88,17 +139,15 @@ class _Inner:
         # one parameter group per tensor, group lr = lr * scale (group 0, the first tensor,
         # is the one ADPSGD reads; the worker keeps its scale at 1)
         self.lr_scale: dict[str, float] = dict(spec.get("group_lr_scale", {}))
-        self.t: int = 0  # the optimizer's own step count
+        self.t: int = 0  # the optimizer's own step count (steps actually run)
         self.names = names
+        self.state: dict[str, dict[str, Any]] = {}  # SGD / Adam: per parameter, lazily
         if self.name == "sgd":
             self.momentum = float(spec.get("momentum", 0.0))
-            self.buf: Params | None = None
         elif self.name == "adam":
             b1, b2 = spec.get("betas", (0.9, 0.999))
             self.beta1, self.beta2 = float(b1), float(b2)
             self.eps = float(spec.get("eps", 1e-8))
-            self.exp_avg: Params | None = None
-            self.exp_avg_sq: Params | None = None
         elif self.name == "adaalter":
             self.eps = float(spec.get("eps", 1.0))
             self.b0sq = float(spec.get("initial_accumulator_value", 1.0))
@@ -116,46 +165,54 @@ class _Inner:
             self.B2 = {k: np.full_like(v, self.b0sq) for k, v in params.items()}
 
     def group_lr(self, t: int, key: str | None = None) -> float:
-        """Group lr in force for step t (1-based): initial * f(t - 1) (LambdaLR semantics),
-        initial = base_lr * group_lr_scale[key] (the group of parameter ``key``)."""
+        """Group lr in force for global step t (1-based): initial * f(t - 1) (LambdaLR
+        semantics), initial = base_lr * group_lr_scale[key] (the group of parameter ``key``)."""
         initial = self.base_lr * self.lr_scale.get(key, 1.0) if key else self.base_lr
         if self.lr_schedule is None:
             return initial
         return initial * float(self.lr_schedule(t - 1))
 
-    def step(self, params: Params, g: Params) -> None:
-        """One optimizer step in place on ``params`` with gradient ``g``."""
+    def step(self, params: Params, g: Params, t_global: int) -> None:
+        """One optimizer step in place on ``params`` at global step ``t_global``. ``g`` holds
+        the gradients of the parameters that have one; the others (``.grad is None``) are
+        skipped entirely: no update, no state created or updated."""
         self.t += 1
-        lr = self.group_lr(self.t)
+        lr = self.group_lr(t_global)
+        keys = [k for k in self.names if k in g]
         if self.name == "sgd":
-            if self.momentum != 0.0:
-                if self.buf is None:
-                    self.buf = {k: g[k].copy() for k in g}
+            for k in keys:
+                if self.momentum != 0.0:
+                    st = self.state.setdefault(k, {})
+                    if "momentum_buffer" not in st:
+                        st["momentum_buffer"] = g[k].copy()
+                    else:
+                        st["momentum_buffer"] = self.momentum * st["momentum_buffer"] + g[k]
+                    d = st["momentum_buffer"]
                 else:
-                    self.buf = {k: self.momentum * self.buf[k] + g[k] for k in g}
-                d = self.buf
-            else:
-                d = g
-            for k in params:
-                params[k] = params[k] - self.group_lr(self.t, k) * d[k]
+                    d = g[k]
+                params[k] = params[k] - self.group_lr(t_global, k) * d
         elif self.name == "adam":
-            if self.exp_avg is None or self.exp_avg_sq is None:
-                self.exp_avg = {k: np.zeros_like(v) for k, v in params.items()}
-                self.exp_avg_sq = {k: np.zeros_like(v) for k, v in params.items()}
-            bc1 = 1.0 - self.beta1 ** self.t
-            bc2 = 1.0 - self.beta2 ** self.t
-            for k in params:
-                self.exp_avg[k] = self.beta1 * self.exp_avg[k] + (1.0 - self.beta1) * g[k]
-                self.exp_avg_sq[k] = (self.beta2 * self.exp_avg_sq[k]
-                                      + (1.0 - self.beta2) * g[k] * g[k])
-                denom = np.sqrt(self.exp_avg_sq[k]) / math.sqrt(bc2) + self.eps
-                params[k] = params[k] - (self.group_lr(self.t, k) / bc1) * self.exp_avg[k] / denom
+            for k in keys:
+                st = self.state.get(k)
+                if st is None:
+                    st = {"step": 0, "exp_avg": np.zeros_like(params[k]),
+                          "exp_avg_sq": np.zeros_like(params[k])}
+                    self.state[k] = st
+                st["step"] += 1
+                bc1 = 1.0 - self.beta1 ** st["step"]
+                bc2 = 1.0 - self.beta2 ** st["step"]
+                st["exp_avg"] = self.beta1 * st["exp_avg"] + (1.0 - self.beta1) * g[k]
+                st["exp_avg_sq"] = (self.beta2 * st["exp_avg_sq"]
+                                    + (1.0 - self.beta2) * g[k] * g[k])
+                denom = np.sqrt(st["exp_avg_sq"]) / math.sqrt(bc2) + self.eps
+                params[k] = (params[k]
+                             - (self.group_lr(t_global, k) / bc1) * st["exp_avg"] / denom)
         else:  # adaalter
             lr_t = lr * min(1.0, self.t / self.lr_warmup) if self.lr_warmup > 0 else lr
             tp = self.local_steps + 1
             if self.lr_scale:
                 raise NotImplementedError("group_lr_scale with AdaAlter")
-            for k in params:
+            for k in keys:
                 params[k] = params[k] - lr_t * g[k] / np.sqrt(self.B2[k] + tp * self.eps ** 2)
                 self.A2[k] = self.A2[k] + g[k] * g[k]
             self.local_steps = tp
@@ -167,32 +224,25 @@ class _Inner:
             self.local_steps = 0
 
     # state tensors subject to the state policy -----------------------------------------
-    def state_tensors(self) -> dict[str, Params]:
-        """Floating-point state tensors of the policy (empty when not yet created)."""
+    def float_entries(self) -> tuple[str, ...]:
+        """Names (torch's) of the floating-point state tensors of the state policy."""
         if self.name == "sgd":
-            return {"momentum_buffer": self.buf} if self.buf is not None else {}
+            return ("momentum_buffer",)
         if self.name == "adam":
-            if self.exp_avg is None or self.exp_avg_sq is None:
-                return {}
-            return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
-        return {}
-
-    def set_state_tensor(self, key: str, value: Params) -> None:
-        """Replace one state tensor set (by its torch name)."""
-        if key == "momentum_buffer":
-            self.buf = value
-        elif key == "exp_avg":
-            self.exp_avg = value
-        elif key == "exp_avg_sq":
-            self.exp_avg_sq = value
-        else:  # pragma: no cover
-            raise KeyError(key)
+            return ("exp_avg", "exp_avg_sq")
+        return ()
 
     def snapshot(self) -> dict[str, Any]:
         """Copy of the full state, for the result."""
         out: dict[str, Any] = {"step": self.t}
-        for key, val in self.state_tensors().items():
-            out[key] = _copy(val)
+        for e in self.float_entries():
+            d = {k: np.array(self.state[k][e], dtype=np.float64, copy=True)
+                 for k in self.names if k in self.state and e in self.state[k]}
+            if d:
+                out[e] = d
+        if self.name == "adam":
+            out["state_step"] = {k: int(self.state[k]["step"])
+                                 for k in self.names if k in self.state}
         if self.name == "adaalter":
             out.update(A2=_copy(self.A2), B2=_copy(self.B2), local_steps=self.local_steps)
         return out
@@ -303,7 +353,9 @@ class _Rank:
 def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int = 0,
              schedule: dict, state_policy: str = "keep", algorithm: dict | None = None,
              final_sync: bool = False, rounds: list[list[int]] | None = None,
-             join: bool | None = None) -> dict:
+             join: bool | None = None, skip_steps: dict[int, list[int]] | None = None,
+             no_grad: dict[int, list[str]] | None = None,
+             no_grad_in_warmup: bool = True) -> dict:
     """Simulate n ranks of horovod-local on the fixtures' model and data.
 
     ``steps``: steps per rank (int, or per-rank list for uneven data). ``join`` (default: True
@@ -312,6 +364,21 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
     very end (after the join rounds, if any). ``rounds[i][k]`` is the number of local steps rank
     i takes in round k for ``schedule={"kind": "rounds"}``; after its recorded rounds a rank
     takes its remaining steps without a scheduled sync.
+
+    ``skip_steps[i]``: the 1-based step numbers at which rank i's GradScaler finds Inf/NaN
+    (AMP, scale 1). A local step in the list does not run rank i's inner step (parameters and
+    inner state, AdaAlter's ``A2``/``B2``/``t'`` and its own step count unchanged) but counts
+    (step counter and ``local_steps`` advance, a sync due after it happens). A warm-up step t
+    in ANY rank's list is taken by no rank (the averaged gradient is non-finite); it counts too.
+
+    ``no_grad[i]``: parameter names whose ``.grad`` is None on rank i (a branch rank i never
+    takes). Local steps: rank i's inner optimizer skips them entirely (no update, no state).
+    Warm-up steps (with ``no_grad_in_warmup``, the default): rank i contributes zeros for them
+    to the gradient average and every rank steps on the average; with
+    ``no_grad_in_warmup=False`` rank i computes them normally in warm-up. With
+    ``state_policy='average'`` a parameter's state missing on some ranks is created there as
+    zeros before each sync (entries of the lowest rank holding it; Adam's ``step`` = 0), then
+    the floating-point tensors are averaged over all ranks.
 
     Returns a dict with keys:
       params: per-rank dict name -> array (final);
@@ -326,8 +393,11 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
       C2, period: final ADPSGD C2 (0.0 for other schedules) and period in force after the
         run, on the final reporting rank; C2_per_rank, period_per_rank likewise per rank;
       losses: [rank][step-1] loss before each step; steps: steps taken per rank;
-      opt_state: per rank, a copy of the inner optimizer state ("step", plus
-        "momentum_buffer" / "exp_avg", "exp_avg_sq" / "A2", "B2", "local_steps");
+      opt_state: per rank, a copy of the inner optimizer state ("step": the number of inner
+        steps actually run, plus "momentum_buffer" / "exp_avg", "exp_avg_sq" (name -> array,
+        only the parameters that have state; the key is absent if none has) and Adam's
+        "state_step" (name -> the parameter's own step count) / "A2", "B2", "local_steps");
+      skipped_steps: per rank, the step numbers at which its inner step did not run (AMP);
       A2, B2: per-rank AdaAlter accumulators (None unless inner is adaalter);
       x0: per-rank anchors (SlowMo / outer optimizer, else None); u: per-rank SlowMo slow
         momentum (else None); outer_buf: per-rank outer SGD momentum buffer (else None).
@@ -360,21 +430,49 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
         if not join and len({len(r) for r in rounds}) != 1:
             raise ValueError("without join every rank must record the same number of rounds")
 
+    skip: dict[int, set[int]] = {}
+    for i, ts in (skip_steps or {}).items():
+        if not (isinstance(i, int) and 0 <= i < n):
+            raise ValueError(f"skip_steps: no rank {i!r}")
+        for t in ts:
+            if int(t) != t or not 1 <= t <= steps_list[i]:
+                raise ValueError(f"skip_steps: rank {i} takes no step {t!r}")
+        skip[i] = {int(t) for t in ts}
+    param_names = list(fixtures.init_params())
+    nograd: dict[int, frozenset[str]] = {}
+    for i, names in (no_grad or {}).items():
+        if not (isinstance(i, int) and 0 <= i < n):
+            raise ValueError(f"no_grad: no rank {i!r}")
+        unknown = [k for k in names if k not in param_names]
+        if unknown:
+            raise ValueError(f"no_grad: unknown parameter(s) {unknown}")
+        nograd[i] = frozenset(names)
+
     ranks = [_Rank(i, steps_list[i], inner, schedule,
                    rounds[i] if (schedule["kind"] == "rounds" and rounds) else None)
              for i in range(n)]
 
+    skipped: list[list[int]] = [[] for _ in range(n)]
+
     # ---- warm-up: gradient averaging, identical replicas ------------------------------
     for _ in range(warmup_steps):
+        t = ranks[0].t + 1
         gs = []
         for r in ranks:
-            loss, g = _grads(r.rank, r.t + 1, r.params)
+            loss, g = _grads(r.rank, t, r.params)
             r.losses.append(loss)
+            if no_grad_in_warmup:  # a missing gradient is averaged as zeros (as Horovod does)
+                g = {k: (np.zeros_like(v) if k in nograd.get(r.rank, ()) else v)
+                     for k, v in g.items()}
             gs.append(g)
         gavg = _mean(gs)
+        overflow = any(t in skip.get(r.rank, ()) for r in ranks)  # the sum is non-finite
         for r in ranks:
-            r.opt.step(r.params, {k: v.copy() for k, v in gavg.items()})
-            r.opt.refresh()  # AdaAlter: local refresh after every warm-up step
+            if overflow:
+                skipped[r.rank].append(t)  # no rank takes the inner step; the step counts
+            else:
+                r.opt.step(r.params, {k: v.copy() for k, v in gavg.items()}, t)
+            r.opt.refresh()  # AdaAlter: local refresh after every warm-up step (idempotent)
             r.t += 1
 
     # anchors are copied at the first local step, before it is taken (= params after warm-up)
@@ -406,21 +504,29 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
             per_rank_periods[r.rank].append(r.sched.period())
 
         # inner state policy (same buffer as the parameters)
-        if state_policy != "keep":
-            keys = set(ranks[0].opt.state_tensors())
-            for r in ranks[1:]:
-                if set(r.opt.state_tensors()) != keys:
-                    raise ValueError("ranks disagree on which optimizer state exists")
-            for key in keys:
-                if state_policy == "average":
-                    avg = _mean([r.opt.state_tensors()[key] for r in ranks])
+        float_entries = ranks[0].opt.float_entries()
+        if state_policy == "average":
+            for k in ranks[0].names:
+                holders = [r for r in ranks if k in r.opt.state]
+                if not holders:
+                    continue
+                proto = holders[0].opt.state[k]  # the lowest rank holding it
+                for r in ranks:
+                    if k not in r.opt.state:  # lazily missing here: created as zeros
+                        r.opt.state[k] = {e: (np.zeros_like(v) if isinstance(v, np.ndarray)
+                                              else type(v)(0)) for e, v in proto.items()}
+                for e in float_entries:
+                    if e not in proto:
+                        continue
+                    avg = sum(r.opt.state[k][e] for r in ranks) * (1.0 / n)
                     for r in ranks:
-                        r.opt.set_state_tensor(key, _copy(avg))
-                else:
-                    for r in ranks:
-                        r.opt.set_state_tensor(
-                            key, {k: np.zeros_like(v)
-                                  for k, v in r.opt.state_tensors()[key].items()})
+                        r.opt.state[k][e] = np.array(avg, dtype=np.float64, copy=True)
+        elif state_policy == "reset":  # every rank zeroes the state it holds
+            for r in ranks:
+                for st in r.opt.state.values():
+                    for e in float_entries:
+                        if e in st:
+                            st[e] = np.zeros_like(st[e])
         # AdaAlter: B2 = mean A2; A2 = B2; t' = 0
         if inner["name"] == "adaalter":
             b2 = _mean([r.opt.A2 for r in ranks])
@@ -472,9 +578,14 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
                     r.joined = True  # out of data: join() (or, without join, stop)
                     explicit[r.rank] = True
                     break
-                loss, g = _grads(r.rank, r.t + 1, r.params)
+                t = r.t + 1
+                loss, g = _grads(r.rank, t, r.params)
                 r.losses.append(loss)
-                r.opt.step(r.params, g)
+                if t in skip.get(r.rank, ()):
+                    skipped[r.rank].append(t)  # GradScaler found Inf/NaN: no inner step
+                else:
+                    r.opt.step(r.params, {k: v for k, v in g.items()
+                                          if k not in nograd.get(r.rank, ())}, t)
                 r.t += 1
                 r.local_steps += 1
                 if r.local_steps >= r.sched.period():
@@ -515,6 +626,7 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
         "losses": [list(r.losses) for r in ranks],
         "steps": [r.t for r in ranks],
         "opt_state": [r.opt.snapshot() for r in ranks],
+        "skipped_steps": skipped,
         "A2": [_copy(r.opt.A2) for r in ranks] if is_ada else None,
         "B2": [_copy(r.opt.B2) for r in ranks] if is_ada else None,
         "x0": [_copy(r.x0) for r in ranks] if ranks[0].x0 is not None else None,

@@ -434,3 +434,290 @@ def test_rejects_undefined_inputs() -> None:
     with pytest.raises(ValueError):
         simulate(2, 4, inner={"name": "adaalter", "lr": 0.1}, state_policy="reset",
                  schedule={"kind": "constant", "period": 2})
+
+
+# ---------------------------------------------------------------- AMP skips (skip_steps)
+MOM = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
+
+
+def _sgd(i: int, t: int, p: Params, lr: float = SGD["lr"]) -> Params:
+    return {k: p[k] - lr * grad(i, t, p)[k] for k in p}
+
+
+def test_local_skip_freezes_that_rank_only_and_sync_stays() -> None:
+    n, H = 2, 3
+    sched = {"kind": "constant", "period": H}
+    before = simulate(n, 1, inner=SGD, schedule=sched)
+    after = simulate(n, 2, inner=SGD, schedule=sched, skip_steps={1: [2]})
+    close(after["params"][1], before["params"][1], rtol=0)          # rank 1 did not move
+    assert not np.allclose(after["params"][0]["weight"], before["params"][0]["weight"])
+    assert after["skipped_steps"] == [[], [2]]
+    # the loss of the skipped step is the loss of its batch before the (skipped) step
+    xb, yb = fixtures.make_batch(1, 2)
+    assert after["losses"][1][1] == pytest.approx(
+        fixtures.loss_and_grads(before["params"][1], xb, yb)[0], rel=1e-14)
+    # over two rounds: the sync still happens after step 3 and 6, written out by hand
+    res = simulate(n, 6, inner=SGD, schedule=sched, skip_steps={1: [2], 0: [6]})
+    plain = simulate(n, 6, inner=SGD, schedule=sched)
+    assert res["sync_steps"] == plain["sync_steps"] == [3, 6] and res["steps"] == [6, 6]
+    xs = [x0() for _ in range(n)]
+    for t in range(1, 7):
+        xs = [xs[i] if (i, t) in ((1, 2), (0, 6)) else _sgd(i, t, xs[i]) for i in range(n)]
+        if t % H == 0:
+            xs = [avg(xs)] * n
+    for i in range(n):
+        close(res["params"][i], xs[i])
+    assert not np.allclose(res["params"][0]["weight"], plain["params"][0]["weight"])
+
+
+def test_local_skip_keeps_inner_state_and_counters() -> None:
+    # Adam: the skipped step neither moves the moments nor advances the step count
+    adam = {"name": "adam", "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-6}
+    sched = {"kind": "constant", "period": 4}
+    a = simulate(2, 2, inner=adam, schedule=sched)
+    b = simulate(2, 3, inner=adam, schedule=sched, skip_steps={0: [3]})
+    assert b["opt_state"][0]["step"] == 2 and b["opt_state"][1]["step"] == 3
+    assert b["opt_state"][0]["state_step"] == {"weight": 2, "bias": 2}
+    close(b["opt_state"][0]["exp_avg"], a["opt_state"][0]["exp_avg"], rtol=0)
+    close(b["params"][0], a["params"][0], rtol=0)
+    # skipped steps count toward the warm-up / period: no sync moves
+    c = simulate(2, 9, inner=adam, warmup_steps=1, schedule=sched, skip_steps={0: [5], 1: [5]})
+    assert c["sync_steps"] == [5, 9]
+
+
+def test_local_skip_adaalter_written_out() -> None:
+    """A skipped local step leaves A2, t' and AdaAlter's own step count (lr warm-up) alone."""
+    n, T, H, lr, eps, b0sq, wu = 2, 6, 3, 0.2, 0.7, 1.0, 4
+    res = simulate(n, T, inner={"name": "adaalter", "lr": lr, "eps": eps,
+                                "initial_accumulator_value": b0sq, "lr_warmup_steps": wu},
+                   schedule={"kind": "constant", "period": H}, skip_steps={1: [1, 5]})
+    xs = [x0() for _ in range(n)]
+    B2 = {k: np.full_like(v, b0sq) for k, v in xs[0].items()}
+    A2 = [dict(B2) for _ in range(n)]
+    tp, own = [0] * n, [0] * n
+    for t in range(1, T + 1):
+        for i in range(n):
+            if i == 1 and t in (1, 5):
+                continue
+            own[i] += 1
+            tp[i] += 1
+            g = grad(i, t, xs[i])
+            eta = lr * min(1.0, own[i] / wu)
+            xs[i] = {k: xs[i][k] - eta * g[k] / np.sqrt(B2[k] + tp[i] * eps ** 2) for k in g}
+            A2[i] = {k: A2[i][k] + g[k] * g[k] for k in g}
+        if t % H == 0:
+            xs = [avg(xs)] * n
+            B2 = avg(A2)
+            A2 = [dict(B2)] * n
+            tp = [0] * n
+    for i in range(n):
+        close(res["params"][i], xs[i])
+        close(res["B2"][i], B2)
+    assert res["opt_state"][1]["step"] == 4 and res["skipped_steps"][1] == [1, 5]
+
+
+def test_warmup_skip_on_one_rank_stops_every_rank() -> None:
+    n, W = 3, 3
+    sched = {"kind": "constant", "period": 2}
+    before = simulate(n, 1, inner=MOM, warmup_steps=1, schedule=sched)
+    after = simulate(n, 2, inner=MOM, warmup_steps=2, schedule=sched, skip_steps={2: [2]})
+    for i in range(n):
+        close(after["params"][i], before["params"][i], rtol=0)
+        close(after["opt_state"][i]["momentum_buffer"],
+              before["opt_state"][i]["momentum_buffer"], rtol=0)
+        assert after["opt_state"][i]["step"] == 1
+    assert after["skipped_steps"] == [[2]] * n
+    # the skipped warm-up step counts: local steps start at W + 1, syncs at W + 2, W + 4
+    res = simulate(n, 7, inner=MOM, warmup_steps=W, schedule=sched, skip_steps={2: [2]})
+    assert res["sync_steps"] == [5, 7]
+    x, buf = x0(), None
+    for t in (1, 3):
+        g = avg([grad(i, t, x) for i in range(n)])
+        buf = dict(g) if buf is None else {k: 0.9 * buf[k] + g[k] for k in g}
+        x = {k: x[k] - 0.05 * buf[k] for k in x}
+    xs, bufs = [dict(x) for _ in range(n)], [dict(buf) for _ in range(n)]
+    for t in range(W + 1, 8):
+        for i in range(n):
+            g = grad(i, t, xs[i])
+            bufs[i] = {k: 0.9 * bufs[i][k] + g[k] for k in g}
+            xs[i] = {k: xs[i][k] - 0.05 * bufs[i][k] for k in g}
+        if (t - W) % 2 == 0:
+            xs = [avg(xs)] * n
+    for i in range(n):
+        close(res["params"][i], xs[i])
+
+
+def test_skip_steps_lr_schedule_follows_the_global_step() -> None:
+    """LambdaLR is stepped once per step() call, skipped or not: step t uses lr * f(t - 1)."""
+    f = lambda k: 0.5 ** k  # noqa: E731
+    res = simulate(1, 4, inner={"name": "sgd", "lr": 0.1, "momentum": 0.0, "lr_schedule": f},
+                   schedule={"kind": "constant", "period": 1}, skip_steps={0: [2]})
+    x = x0()
+    for t in (1, 3, 4):
+        x = _sgd(0, t, x, lr=0.1 * f(t - 1))
+    close(res["params"][0], x)
+    # AdaAlter: the group lr follows the global step, its lr warm-up its own step count
+    ada = simulate(1, 4, inner={"name": "adaalter", "lr": 0.3, "eps": 1.0,
+                                "initial_accumulator_value": 1.0, "lr_warmup_steps": 4,
+                                "lr_schedule": f},
+                   schedule={"kind": "constant", "period": 1}, skip_steps={0: [2]})
+    x, B2 = x0(), {k: np.ones_like(v) for k, v in x0().items()}
+    for own, t in enumerate((1, 3, 4), start=1):
+        g = grad(0, t, x)
+        eta = 0.3 * f(t - 1) * min(1.0, own / 4)
+        x = {k: x[k] - eta * g[k] / np.sqrt(B2[k] + 1.0) for k in x}
+        B2 = {k: B2[k] + g[k] * g[k] for k in x}
+    close(ada["params"][0], x)
+    close(ada["B2"][0], B2)
+
+
+# ---------------------------------------------------------------- parameters without a gradient
+def test_no_grad_average_creates_zero_momentum_then_averages() -> None:
+    n, H, lr, mom = 2, 3, 0.05, 0.9
+    res = simulate(n, 6, inner={"name": "sgd", "lr": lr, "momentum": mom},
+                   schedule={"kind": "constant", "period": H}, state_policy="average",
+                   no_grad={1: ["bias"]})
+    first = simulate(n, 3, inner={"name": "sgd", "lr": lr, "momentum": mom},
+                     schedule={"kind": "constant", "period": H}, state_policy="average",
+                     no_grad={1: ["bias"]})
+    xs = [x0() for _ in range(n)]
+    bufs: list[Params] = [{}, {}]
+    for t in range(1, 7):
+        for i in range(n):
+            g = grad(i, t, xs[i])
+            for k in g:
+                if i == 1 and k == "bias":
+                    continue  # .grad is None: no update, no state
+                bufs[i][k] = g[k].copy() if k not in bufs[i] else mom * bufs[i][k] + g[k]
+                xs[i] = dict(xs[i], **{k: xs[i][k] - lr * bufs[i][k]})
+        if t % H == 0:
+            if t == H:  # the first sync: rank 1's bias buffer is created as zeros
+                assert "bias" not in bufs[1]
+                bufs[1]["bias"] = np.zeros_like(bufs[0]["bias"])
+                want_bias_buf = bufs[0]["bias"] / 2
+            xs = [avg(xs)] * n
+            b = avg(bufs)
+            bufs = [dict(b), dict(b)]
+            if t == H:
+                close(first["opt_state"][1]["momentum_buffer"], bufs[1])
+                np.testing.assert_allclose(first["opt_state"][1]["momentum_buffer"]["bias"],
+                                           want_bias_buf, rtol=1e-12)
+    for i in range(n):
+        close(res["params"][i], xs[i])
+        close(res["opt_state"][i]["momentum_buffer"], bufs[i])
+    # not vacuous: differs from every rank having the gradient
+    full = simulate(n, 6, inner={"name": "sgd", "lr": lr, "momentum": mom},
+                    schedule={"kind": "constant", "period": H}, state_policy="average")
+    assert not np.allclose(full["params"][0]["bias"], res["params"][0]["bias"])
+
+
+def test_no_grad_adam_average_state_step_zero_keep_and_reset_no_state() -> None:
+    adam = {"name": "adam", "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-6}
+    sched = {"kind": "constant", "period": 2}
+    avg_ = simulate(2, 4, inner=adam, schedule=sched, state_policy="average",
+                    no_grad={1: ["bias"]})
+    st0, st1 = avg_["opt_state"]
+    assert st1["state_step"] == {"weight": 4, "bias": 0} and st0["state_step"]["bias"] == 4
+    close(st1["exp_avg"], st0["exp_avg"], rtol=0)  # averaged: identical on both ranks
+    for policy in ("keep", "reset"):
+        r = simulate(2, 4, inner=adam, schedule=sched, state_policy=policy,
+                     no_grad={1: ["bias"]})
+        assert set(r["opt_state"][1]["exp_avg"]) == {"weight"}
+        assert set(r["opt_state"][0]["exp_avg"]) == {"weight", "bias"}
+    reset = simulate(2, 4, inner=adam, schedule=sched, state_policy="reset",
+                     no_grad={1: ["bias"]})
+    assert not reset["opt_state"][0]["exp_avg"]["bias"].any()
+
+
+def test_no_grad_keep_leaves_bias_alone_between_syncs() -> None:
+    n, H = 2, 3
+    sched = {"kind": "constant", "period": H}
+    for t_end in (1, 2):
+        res = simulate(n, t_end, inner=MOM, schedule=sched, no_grad={1: ["bias"]})
+        np.testing.assert_array_equal(res["params"][1]["bias"], x0()["bias"])
+        assert not np.allclose(res["params"][1]["weight"], x0()["weight"])
+        assert not np.allclose(res["params"][0]["bias"], x0()["bias"])
+        assert "bias" not in res["opt_state"][1]["momentum_buffer"]
+    # parameters are averaged at the sync regardless of gradients; then frozen again
+    s3 = simulate(n, 3, inner=MOM, schedule=sched, no_grad={1: ["bias"]})
+    s5 = simulate(n, 5, inner=MOM, schedule=sched, no_grad={1: ["bias"]})
+    same_everywhere(s3)
+    np.testing.assert_array_equal(s5["params"][1]["bias"], s3["params"][1]["bias"])
+    assert not np.allclose(s5["params"][0]["bias"], s3["params"][0]["bias"])
+
+
+def test_no_grad_in_warmup_averages_zeros() -> None:
+    n, W, lr = 3, 2, 0.05
+    res = simulate(n, W, inner=SGD, warmup_steps=W, schedule={"kind": "constant", "period": 2},
+                   no_grad={2: ["bias"]})
+    x = x0()
+    for t in range(1, W + 1):
+        gs = [grad(i, t, x) for i in range(n)]
+        gs[2] = dict(gs[2], bias=np.zeros_like(gs[2]["bias"]))
+        g = avg(gs)
+        x = {k: x[k] - lr * g[k] for k in x}
+    same_everywhere(res)
+    close(res["params"][0], x)
+    # no_grad_in_warmup=False: warm-up gradients are computed normally
+    off = simulate(n, W, inner=SGD, warmup_steps=W, schedule={"kind": "constant", "period": 2},
+                   no_grad={2: ["bias"]}, no_grad_in_warmup=False)
+    plain = simulate(n, W, inner=SGD, warmup_steps=W, schedule={"kind": "constant", "period": 2})
+    close(off["params"][0], plain["params"][0], rtol=0)
+    assert not np.allclose(res["params"][0]["bias"], plain["params"][0]["bias"])
+
+
+def test_no_grad_adaalter_a2_stays_and_is_averaged() -> None:
+    n, H, b0sq = 2, 2, 0.5
+    res = simulate(n, 2, inner={"name": "adaalter", "lr": 0.1, "eps": 1.0,
+                                "initial_accumulator_value": b0sq},
+                   schedule={"kind": "constant", "period": H}, no_grad={0: ["bias"]})
+    xs = [x0() for _ in range(n)]
+    A2 = [{k: np.full_like(v, b0sq) for k, v in xs[0].items()} for _ in range(n)]
+    for t in (1, 2):
+        for i in range(n):
+            g = grad(i, t, xs[i])
+            for k in g:
+                if i == 0 and k == "bias":
+                    continue
+                xs[i][k] = xs[i][k] - 0.1 * g[k] / np.sqrt(b0sq + t * 1.0)
+                A2[i][k] = A2[i][k] + g[k] * g[k]
+    B2 = avg(A2)
+    for i in range(n):
+        close(res["params"][i], avg(xs))
+        close(res["B2"][i], B2)
+
+
+# ---------------------------------------------------------------- both options off
+@pytest.mark.parametrize("cfg", [
+    dict(n=3, steps=9, inner=MOM, warmup_steps=2, schedule={"kind": "constant", "period": 3},
+         state_policy="average"),
+    dict(n=2, steps=[5, 8], inner={"name": "adam", "lr": 0.01}, schedule={
+        "kind": "constant", "period": 2}, state_policy="reset",
+         algorithm={"name": "slowmo", "alpha": 0.8, "beta": 0.5}),
+    dict(n=2, steps=7, inner={"name": "adaalter", "lr": 0.2, "lr_warmup_steps": 3},
+         warmup_steps=1, schedule={"kind": "adaptive", "initial_period": 2,
+                                   "sampling_steps": 4}, final_sync=True),
+])
+def test_options_off_are_the_old_path(cfg: dict) -> None:
+    cfg = dict(cfg)
+    n, steps = cfg.pop("n"), cfg.pop("steps")
+    base = simulate(n, steps, **cfg)
+    for kw in (dict(skip_steps=None, no_grad=None), dict(skip_steps={}, no_grad={}),
+               dict(skip_steps={0: []}, no_grad={1: []}, no_grad_in_warmup=False)):
+        other = simulate(n, steps, **cfg, **kw)
+        for i in range(n):
+            close(other["params"][i], base["params"][i], rtol=0)
+            for key in ("momentum_buffer", "exp_avg", "A2", "B2"):
+                if key in base["opt_state"][i]:
+                    close(other["opt_state"][i][key], base["opt_state"][i][key], rtol=0)
+        assert other["sync_steps"] == base["sync_steps"] and other["S"] == base["S"]
+        assert other["losses"] == base["losses"]
+        assert other["skipped_steps"] == [[]] * n
+
+
+def test_rejects_bad_skip_and_no_grad() -> None:
+    sched = {"kind": "constant", "period": 2}
+    for kw in (dict(skip_steps={2: [1]}), dict(skip_steps={0: [5]}), dict(skip_steps={0: [0]}),
+               dict(no_grad={0: ["nope"]}), dict(no_grad={-1: ["bias"]})):
+        with pytest.raises(ValueError):
+            simulate(2, 4, inner=SGD, schedule=sched, **kw)
