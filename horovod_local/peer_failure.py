@@ -12,12 +12,15 @@ the counters for three intervals: ranks whose counter did not move are named as 
 also lets the launcher see the dead rank exit first, so its report names the same rank.
 
 A heartbeat survives a rank whose main thread is stuck (only a dead process stops beating).
+A process that exits normally writes ``-1`` as its last beat, so a peer that simply finished
+(its data ended without ``join()``) is named as such rather than as a lost process.
 Under MPI there is no such store (``mpirun`` names the dead rank itself) and under elastic
 training recovery is Horovod's job, so nothing runs and errors are re-raised unchanged there.
 ``HOROVOD_LOCAL_HEARTBEAT=0`` turns it off.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
@@ -30,6 +33,7 @@ __all__ = ["HEARTBEAT_ENV", "Heartbeat", "lost_ranks", "reporting_lost_ranks", "
 HEARTBEAT_ENV = "HOROVOD_LOCAL_HEARTBEAT"
 _SCOPE = "horovod_local_heartbeat"
 _MAX_WRITES_PER_SECOND = 200.0
+_EXITED = -1  # the last beat of a process that exits normally
 
 
 def _store() -> Optional[tuple[str, int]]:
@@ -56,9 +60,16 @@ class Heartbeat:
     def __init__(self, store: tuple[str, int], rank: int, size: int) -> None:
         self.store, self.rank = store, rank
         self.interval = max(1.0, size / _MAX_WRITES_PER_SECOND)
+        self._stopped = False
         self._beat = self._put(0)
         if self._beat:
             threading.Thread(target=self._run, name="horovod_local-heartbeat", daemon=True).start()
+            atexit.register(self._exit)
+
+    def _exit(self) -> None:
+        """At a normal interpreter exit: the last beat says "finished", not "lost"."""
+        self._stopped = True
+        self._put(_EXITED)
 
     def _put(self, value: int) -> bool:
         from horovod.runner.http.http_client import put_data_into_kvstore
@@ -75,7 +86,7 @@ class Heartbeat:
         while True:
             time.sleep(self.interval)
             n += 1
-            if not self._put(n):
+            if self._stopped or not self._put(n):
                 return
 
     def lost(self, ranks: Sequence[int]) -> list[int]:
@@ -87,8 +98,12 @@ class Heartbeat:
         while missing and time.monotonic() < deadline:
             time.sleep(0.1)
             missing = [r for r in missing
-                       if _read(self.store, r) in (None, first[r])]
+                       if _read(self.store, r) in (None, first[r], _EXITED)]
         return missing
+
+    def exited(self, ranks: Sequence[int]) -> list[int]:
+        """The ranks among ``ranks`` whose process exited normally."""
+        return [r for r in ranks if _read(self.store, r) == _EXITED]
 
 
 _heartbeat: Optional[Heartbeat] = None
@@ -129,7 +144,17 @@ def reporting_lost_ranks(rank: int, ranks: Sequence[int], what: str) -> Iterator
         lost = lost_ranks(ranks)
         if lost is None:
             raise
-        if lost:
+        finished = _heartbeat.exited(lost) if lost else []
+        if finished:
+            msg = (f"horovod_local: {what} failed on rank {rank}: rank(s) {finished} of "
+                   f"{sorted(ranks)} finished (their process exited normally) while this rank "
+                   f"was still training: a rank whose data ends must call join() (every rank "
+                   f"calls it once), so that it serves the other ranks' rounds until all "
+                   f"have joined.")
+            others = [r for r in lost if r not in finished]
+            if others:
+                msg += f" Rank(s) {others} were lost (their heartbeat stopped)."
+        elif lost:
             msg = (f"horovod_local: {what} failed on rank {rank}: rank(s) {lost} of "
                    f"{sorted(ranks)} were lost (their heartbeat stopped).")
         else:

@@ -517,10 +517,14 @@ class TimeBudget(PeriodSchedule):
 
 def make_schedule(period: Union[int, float, PeriodSchedule, None]) -> PeriodSchedule:
     """``period`` as the user gave it -> a schedule: an int H -> :class:`Constant`,
-    ``math.inf`` or ``None`` -> :class:`Never`, a :class:`PeriodSchedule` -> itself."""
+    ``math.inf`` -> :class:`Never`, a :class:`PeriodSchedule` -> itself (``None`` is refused:
+    it read as "no sync ever", silently)."""
     if isinstance(period, PeriodSchedule):
         return period
-    if period is None or (isinstance(period, float) and period == math.inf):
+    if period is None:
+        raise ValueError("period=None: pass period=math.inf (or horovod_local.Never()) for no "
+                         "automatic sync, or an integer number of local steps")
+    if isinstance(period, float) and period == math.inf:
         return Never()
     if isinstance(period, float) and period.is_integer() and period >= 1:
         period = int(period)
@@ -567,6 +571,8 @@ def schedule_from_config(cfg: Any,
                          deserialize: Optional[Callable[[Any], Any]] = None) -> PeriodSchedule:
     """Inverse of :func:`schedule_to_config` (``deserialize`` inverts its ``serialize``); an int
     period, ``math.inf`` or None as :func:`make_schedule` takes them."""
+    if cfg is None:  # a stored config (never a user's argument: make_schedule refuses None)
+        return Never()
     if not isinstance(cfg, dict):
         return make_schedule(cfg)
     cfg = dict(cfg)

@@ -45,17 +45,18 @@ def summed(per_rank: list[list[torch.Tensor]], dtype=torch.float32, control: boo
         slots = [ParamSlot(f"layer{j}.weight", t.to(dtype)) for j, t in enumerate(tensors)]
         (bucket,) = PIPELINE.plan(slots)
         bucket.has_control = control
-        buf = PIPELINE.ops.pack(bucket, control=float(rank == 1))
+        buf = PIPELINE.ops.pack(bucket, control=(float(rank == 1), 7.0, 0.0))
         out = buf.clone() if out is None else out + buf
     return bucket, out
 
 
-def test_layout_data_control_guard():
+def test_layout_data_control_round_guard():
     a = [torch.tensor([1.0, -5.0]), torch.tensor([[2.0], [3.0]])]
     b = [torch.tensor([0.5, 0.5]), torch.tensor([[-7.0], [1.0]])]
     bucket, buf = summed([a, b])
-    assert buf.tolist() == [1.5, -4.5, -5.0, 4.0, 1.0, 5.0 + 7.0]  # data, control, guard
-    assert buf.numel() == 6 and bucket.data_numel() == 4
+    # data, control elements (joined, round number 7 on both ranks, explicit), guard
+    assert buf.tolist() == [1.5, -4.5, -5.0, 4.0, 1.0, 14.0, 0.0, 5.0 + 7.0]
+    assert buf.numel() == 8 and bucket.data_numel() == 4
 
 
 def test_finite_sum_is_proved_by_one_read(monkeypatch):

@@ -47,8 +47,9 @@ def test_compare_smoke(tmp_path):
     assert hv["syncs"] == steps and hv["bytes_sent"] == hv["grad_bytes"] * steps
     assert h4["syncs"] == steps // 4
     assert h4["bytes_sent"] < hv["bytes_sent"]
-    # one sync = parameters + the control and guard elements, 4 bytes each (float32)
-    assert h4["bytes_sent"] == h4["syncs"] * (h4["grad_bytes"] + 8)
+    # one sync = parameters + 3 control elements (joined, round number, explicit) + the guard,
+    # 4 bytes each (float32)
+    assert h4["bytes_sent"] == h4["syncs"] * (h4["grad_bytes"] + 16)
     assert h4["sync_stats"]["bytes_per_step_allreduce"] == hv["bytes_sent"]
     assert "| Horovod |" in (out / "results.md").read_text()
     assert "Horovod's throughput" in proc.stdout

@@ -92,5 +92,6 @@ def test_frozen_parameter_is_not_synced(n, controller):
     for res in ranks:
         assert res["frozen"]["bias_unchanged"]
         np.testing.assert_array_equal(res["frozen"]["weight"], ranks[0]["frozen"]["weight"])
-        # only the 4x6 float64 weight (+ the control and guard elements) travels
-        assert res["frozen"]["synced_bytes_per_round"] == (24 + 2) * 8
+        # only the 4x6 float64 weight (+ 3 control elements: joined, round number, explicit;
+        # + the guard) travels
+        assert res["frozen"]["synced_bytes_per_round"] == (24 + 3 + 1) * 8

@@ -67,7 +67,7 @@ class TorchRun:
         return self.opt.sync_stats().syncs
 
     def synchronize(self) -> None:
-        self.opt.synchronize()
+        self.opt.average_parameters()
 
     def evaluate(self, need_avg: bool) -> float:
         """Held-out metric of the ranks' average model; each rank scores half the set."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -68,6 +69,9 @@ class SyncConfig:
             raise ValueError(f"slowmo_momentum must be in [0, 1), got {slowmo_momentum!r}")
         if outer is not None and algorithm != "local_sgd":
             raise ValueError("pass either algorithm='slowmo' or outer_optimizer, not both")
+        if algorithm != "slowmo" and (slowmo_lr, slowmo_momentum) != (1.0, 0.5):
+            warnings.warn(f"slowmo_lr={slowmo_lr!r} / slowmo_momentum={slowmo_momentum!r} have "
+                          f"no effect without algorithm='slowmo'", UserWarning, stacklevel=3)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if adaalter and state_policy == "reset":

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
+from horovod_local.core import protocol
+
 __all__ = ["Bucket", "ParamSlot", "SyncOps", "Counters"]
 
 
@@ -39,7 +41,7 @@ class ParamSlot:
 @dataclass
 class Bucket:
     """The tensors of one dtype that travel in one buffer, by section, in buffer order:
-    ``[params | states | accumulators | control? | backend extras (the torch guard)]``.
+    ``[params | states | accumulators | control elements? | backend extras (torch: guard)]``.
     ``anchors``, ``momenta``, ``grads``, ``lrs`` run parallel to ``params`` and stay home."""
 
     dtype: Any
@@ -80,8 +82,11 @@ class Bucket:
         return sum(self.sizes)
 
     def control_index(self) -> int:
-        """Where the control element sits (right after the data)."""
+        """Where the control element sits (right after the data); the round number follows."""
         return self.data_numel()
+
+    def control_numel(self) -> int:
+        return protocol.CONTROL_ELEMENTS if self.has_control else 0
 
 
 class Counters(Protocol):
@@ -119,9 +124,10 @@ class SyncOps:
         raise NotImplementedError
 
     # ---- a round's buffers ------------------------------------------------------------------
-    def pack(self, bucket: Bucket, control: Any) -> Any:
-        """The bucket's flat buffer: its sections in order, the control element if the bucket
-        has it, then whatever the backend appends to prove finiteness cheaply."""
+    def pack(self, bucket: Bucket, control: Sequence[Any]) -> Any:
+        """The bucket's flat buffer: its sections in order, the control elements (joined or
+        round kind, round number, explicit) if the bucket has them, then whatever the backend
+        appends to prove finiteness cheaply."""
         raise NotImplementedError
 
     def allreduce_sum(self, buckets: Sequence[Bucket], bufs: Sequence[Any], what: str,
@@ -143,7 +149,7 @@ class SyncOps:
         raise NotImplementedError
 
     def locate_nonfinite(self, bucket: Bucket, buf: Any) -> Any:
-        """Index (into ``bucket.labels``, then the control element) of the first segment
+        """Index (into ``bucket.labels``, then the control elements) of the first segment
         holding NaN/Inf, or -1 if all are finite."""
         raise NotImplementedError
 
@@ -200,6 +206,10 @@ class SyncOps:
 
     def scalar(self, value: float) -> Any:
         """A float64 scalar constant (what both branches of a cond return)."""
+        raise NotImplementedError
+
+    def to_float(self, value: Any) -> Any:
+        """A scalar (e.g. an integer counter) as a float64 scalar."""
         raise NotImplementedError
 
     def check(self, pred: Any, error: type, message: Callable[[], Any]) -> Any:

@@ -6,7 +6,8 @@
 1. plan: every component (algorithm, state policy, AdaAlter) adds its tensors to one bucket per
    dtype; the control element goes to the widest dtype's bucket (``protocol``);
 2. exchange: pack each bucket into one flat buffer, one summing allreduce per buffer;
-3. verify: the control element (ranks in the same kind of round) and finiteness (a cheap proof
+3. verify: the control elements (ranks in the same kind of round, in the same round) and
+   finiteness (a cheap proof
    from the backend, an exact search naming the tensor only when that fails). Verification
    returns what is wrong; the ``nonfinite`` policy decides: raise on every rank, or skip;
 4. unpack: each component writes its section back with a fused op, then its ``after`` step
@@ -88,14 +89,15 @@ class RoundPipeline:
         return out
 
     # ---- 2. exchange -------------------------------------------------------------------------
-    def exchange(self, buckets: Sequence[Bucket], control: Any, what: str, step: Any
-                 ) -> tuple[list, Any, int]:
-        """Pack and sum over the ranks: (summed buffers, summed control element, bytes sent)."""
+    def exchange(self, buckets: Sequence[Bucket], control: Sequence[Any], what: str,
+                 step: Any) -> tuple[list, list, int]:
+        """Pack and sum over the ranks: (summed buffers, summed control elements, bytes
+        sent). ``control``: this rank's (joined or round kind, round number, explicit)."""
         ops = self.ops
         bufs = [ops.pack(b, control) for b in buckets]
         summed = ops.allreduce_sum(buckets, bufs, what, step)
-        ctrl = next(ops.element(s, b.control_index()) for b, s in zip(buckets, summed)
-                    if b.has_control)
+        b, s = next((b, s) for b, s in zip(buckets, summed) if b.has_control)
+        ctrl = [ops.element(s, b.control_index() + i) for i in range(len(control))]
         nbytes = sum(ops.nbytes(buf) for buf in bufs)
         return summed, ctrl, nbytes
 
@@ -105,19 +107,41 @@ class RoundPipeline:
         return self.ops.check(ok, RuntimeError, lambda: self.ops.message(
             [protocol.ROUND_KIND_MISMATCH, " Summed control element: ", control_sum]))
 
+    def round_number(self, buckets: Sequence[Bucket]) -> tuple[Any, int]:
+        """(this rank's round number mod M, M): rounds entered before this one (syncs and
+        dropped rounds; join rounds are syncs); M = 0 when the check is off."""
+        b = next(b for b in buckets if b.has_control)
+        m = protocol.round_modulus(b.dtype_name, self.ops.size())
+        if not m:
+            return 0, 0
+        rounds = self.counters.get("syncs") + self.counters.get("skipped_rounds")
+        return self.ops.to_float(rounds % m), m
+
+    def check_round_number(self, round_sum: Any, mine: Any, m: int) -> Any:
+        if not m:
+            return None
+        n, ops = self.ops.size(), self.ops
+        return ops.check(protocol.rounds_agree(round_sum, n, mine), RuntimeError,
+                         lambda: ops.message(protocol.round_mismatch(mine, m, round_sum, n)))
+
     def verify_finite(self, buckets: Sequence[Bucket], summed: Sequence[Any], step: Any,
-                      what: str) -> Any:
+                      what: str, nonfinite: Optional[str] = None) -> Any:
         """Bool-like: every summed buffer is finite (the same on every rank). If not, raise
         naming the step and the first non-finite tensor (``nonfinite='raise'``), or warn and
-        count a skipped round (``'skip'``) and return False."""
+        count a skipped round (``'skip'``) and return False, or just return False
+        (``'quiet'``). ``nonfinite`` defaults to the configuration's."""
         ops = self.ops
+        policy = nonfinite or self.config.nonfinite
         fast = ops.all_true([ops.proves_finite(b, s) for b, s in zip(buckets, summed)])
+        if policy == "quiet":
+            return ops.cond(fast, ops.true, lambda: ops.logical_not(ops.any_true(
+                [ops.locate_nonfinite(b, s) >= 0 for b, s in zip(buckets, summed)])))
 
         def search() -> Any:
             msg, bad = None, None
             for b, s in zip(buckets, summed):
                 idx = ops.locate_nonfinite(b, s)
-                labels = list(b.labels) + ["the control element"]
+                labels = list(b.labels) + ["the control elements"]
                 m = ops.message([f"horovod_local: non-finite values (NaN/Inf) in the {what} at "
                                  "step ", step, ": the sum over ranks of ", ops.pick(labels, idx),
                                  " contains NaN/Inf, so at least one rank diverged. Nothing was "
@@ -126,7 +150,7 @@ class RoundPipeline:
                 # the first bad bucket's message wins
                 msg = m if msg is None else ops.cond(bad, lambda msg=msg: msg, lambda m=m: m)
                 bad = b_bad if bad is None else ops.any_true([bad, b_bad])
-            if self.config.nonfinite == "raise":
+            if policy == "raise":
                 token = ops.check(ops.logical_not(bad), FloatingPointError, lambda: msg)
                 return ops.after([token], lambda: ops.logical_not(bad))
 
@@ -142,17 +166,20 @@ class RoundPipeline:
         return ops.cond(fast, ops.true, search)
 
     # ---- a warm-up round ---------------------------------------------------------------------
-    def gradient_round(self, grads: Sequence[ParamSlot], step: Any) -> Any:
+    def gradient_round(self, grads: Sequence[ParamSlot], step: Any,
+                       nonfinite: Optional[str] = None) -> Any:
         """Average the gradients (``slot.value``) over the ranks, in place; returns bool-like
-        "the step may be taken" (False: a rank sent NaN/Inf under ``nonfinite='skip'``: no
-        rank takes this step)."""
+        "the step may be taken" (False: a rank sent NaN/Inf under ``nonfinite='skip'`` or
+        ``'quiet'``: no rank takes this step). ``nonfinite`` overrides the configuration's
+        (``'quiet'``: a GradScaler's overflow is no error)."""
         ops, t0 = self.ops, self.ops.now()
         buckets = self.plan(grads, [ModelAverage()])
         what = "warm-up gradient allreduce"
-        summed, ctrl, nbytes = self.exchange(buckets, protocol.GRADIENT_ROUND, what, step)
+        summed, ctrl, nbytes = self.exchange(buckets, (protocol.GRADIENT_ROUND, 0, 0), what, step)
         self.counters.add("bytes_sent", nbytes)
-        kind = self.check_round_kind(ctrl, gradient_round=True)
-        ok = ops.after([kind], lambda: self.verify_finite(buckets, summed, step, what))
+        kind = self.check_round_kind(ctrl[0], gradient_round=True)
+        ok = ops.after([kind], lambda: self.verify_finite(buckets, summed, step, what,
+                                                          nonfinite))
 
         def apply() -> Any:
             # unconditionally: gradients are outputs, not state (a dropped step is not taken)
@@ -165,12 +192,19 @@ class RoundPipeline:
 
     # ---- a sync round ------------------------------------------------------------------------
     def sync_round(self, slots: Sequence[ParamSlot], *, joined: Any, step: Any, lr: Any,
-                   schedule: ScheduleHook) -> RoundResult:
-        """One round (every rank enters it once); ``joined`` is this rank's control value."""
+                   schedule: ScheduleHook, explicit: bool = False) -> RoundResult:
+        """One round (every rank enters it once); ``joined``: this rank has joined (1.0 / 0.0);
+        ``explicit``: an ``average_parameters()`` round (not scheduled, not a join round)."""
         ops, t0 = self.ops, self.ops.now()
         buckets = self.plan(slots)
-        summed, ctrl, nbytes = self.exchange(buckets, joined, "sync round", step)
-        checks = [self.check_round_kind(ctrl, gradient_round=False)]
+        mine, m = self.round_number(buckets)
+        summed, (ctrl, rounds, explicits), nbytes = self.exchange(
+            buckets, (joined, mine, 1.0 if explicit else 0.0), "sync round", step)
+        n = ops.size()
+        checks = [self.check_round_kind(ctrl, gradient_round=False),
+                  self.check_round_number(rounds, mine, m),
+                  ops.check(protocol.explicit_rounds_agree(explicits, ctrl, n, explicit),
+                            RuntimeError, lambda: protocol.EXPLICIT_MISMATCH)]
         for comp in self.components:
             checks += comp.check(ops, buckets)
         ok = ops.after(checks, lambda: self.verify_finite(buckets, summed, step, "sync"))

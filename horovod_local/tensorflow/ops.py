@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -103,13 +103,14 @@ class TFOps(SyncOps):
         return tf.timestamp()
 
     # ---- buffers ----------------------------------------------------------------------------------
-    def pack(self, bucket: Bucket, control: Any) -> tf.Tensor:
+    def pack(self, bucket: Bucket, control: Sequence[Any]) -> tf.Tensor:
         pieces = [tf.reshape(tf.cast(_read(t), bucket.dtype), [-1])
                   for sec in bucket.sections() for t in sec]
         if bucket.has_control:
-            c = tf.cast(control, bucket.dtype) if tf.is_tensor(control) \
-                else tf.constant(float(control), bucket.dtype)  # tf.cast(float) rounds via f32
-            pieces.append(tf.reshape(c, [1]))
+            for c in control:
+                c = tf.cast(c, bucket.dtype) if tf.is_tensor(c) \
+                    else tf.constant(float(c), bucket.dtype)  # tf.cast(float) rounds via f32
+                pieces.append(tf.reshape(c, [1]))
         return pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=0)
 
     def allreduce_sum(self, buckets, bufs, what, step):
@@ -130,7 +131,7 @@ class TFOps(SyncOps):
 
     def locate_nonfinite(self, bucket, buf):
         flags, off = [], 0
-        for k in bucket.sizes + [int(bucket.has_control)]:
+        for k in bucket.sizes + [bucket.control_numel()]:
             flags.append(tf.logical_not(tf.reduce_all(tf.math.is_finite(buf[off: off + k]))))
             off += k
         bad = tf.stack(flags)
@@ -232,6 +233,9 @@ class TFOps(SyncOps):
 
     def scalar(self, value):
         return tf.constant(value, tf.float64)
+
+    def to_float(self, value):
+        return tf.cast(value, tf.float64)
 
     def check(self, pred, error, message):
         # every error is tf.errors.InvalidArgumentError in a graph; the message says what

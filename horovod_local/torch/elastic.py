@@ -101,7 +101,7 @@ class LocalTorchState(TorchState):
                     if opt.sync_stats().local_steps == 0:   # replicas agree: a good commit
                         state.commit()
                 state.batch = 0
-            opt.synchronize()
+            opt.average_parameters()
 
         train(state)
     """

@@ -11,11 +11,15 @@ searched.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import pickle
+import sys
+import threading
 import time
 import warnings
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -69,28 +73,36 @@ class TorchOps(SyncOps):
             self._buffers[dtype] = buf
         return buf
 
-    def pack(self, bucket: Bucket, control: Any) -> torch.Tensor:
+    def pack(self, bucket: Bucket, control: Sequence[Any]) -> torch.Tensor:
         tensors = [t for sec in bucket.sections() for t in sec]
         n = bucket.data_numel()
-        buf = self._buffer(bucket.dtype, n + int(bucket.has_control) + 1, tensors[0].device)
+        buf = self._buffer(bucket.dtype, n + bucket.control_numel() + 1, tensors[0].device)
         guard = K.pack(tensors, buf, 0)  # one pass: copy + max |x|
         if bucket.has_control:
-            buf[n] = control
+            for i, c in enumerate(control):
+                buf[n + i] = c
         buf[-1] = guard  # exact: |x| of one element of this dtype (or NaN)
         return buf
 
     def allreduce_sum(self, buckets, bufs, what, step):
         hvd = _hvd()
-        with self.naming_lost_ranks(f"the {what} at step {step}"):
-            handles = [hvd.allreduce_async_(buf, name=protocol.SYNC_NAME.format(b.dtype_name),
+        # Horovod 0.28's torch ops have no bfloat16: such a buffer travels as float32 (exact),
+        # summed there and rounded once on the way back
+        wire = [buf.float() if buf.dtype == torch.bfloat16 else buf for buf in bufs]
+        with self.naming_lost_ranks(f"the {what} at step {step}"), \
+                round_watchdog(f"the {what} at step {step}", hvd.rank(), self.ranks()):
+            handles = [hvd.allreduce_async_(w, name=protocol.SYNC_NAME.format(b.dtype_name),
                                             op=hvd.Sum, process_set=self.process_set)
-                       for b, buf in zip(buckets, bufs)]
+                       for b, w in zip(buckets, wire)]
             for h in handles:
                 hvd.synchronize(h)
+        for buf, w in zip(bufs, wire):
+            if w is not buf:
+                buf.copy_(w)
         return list(bufs)
 
     def nbytes(self, buf):
-        return buf.numel() * buf.element_size()
+        return buf.numel() * (4 if buf.dtype == torch.bfloat16 else buf.element_size())
 
     def element(self, buf, index):
         return float(buf[index])
@@ -100,11 +112,11 @@ class TorchOps(SyncOps):
         return math.isfinite(guard) and guard <= torch.finfo(bucket.dtype).max / 2
 
     def locate_nonfinite(self, bucket, buf):
-        data = buf[: bucket.control_index() + int(bucket.has_control)]
+        data = buf[: bucket.control_index() + bucket.control_numel()]
         if bool(torch.isfinite(data).all()):
             return -1  # a large but finite sum (e.g. float16 near its range)
         off = 0
-        for i, k in enumerate(bucket.sizes + [int(bucket.has_control)]):
+        for i, k in enumerate(bucket.sizes + [bucket.control_numel()]):
             if not bool(torch.isfinite(data[off: off + k]).all()):
                 return i
             off += k
@@ -165,6 +177,9 @@ class TorchOps(SyncOps):
     def scalar(self, value):
         return float(value)
 
+    def to_float(self, value):
+        return float(value)
+
     def check(self, pred, error, message):
         if not pred:
             raise error(message())
@@ -193,6 +208,40 @@ class TorchOps(SyncOps):
         """Around a collective: a failure caused by a lost rank names it (Gloo launcher)."""
         hvd = _hvd()
         return reporting_lost_ranks(hvd.rank(), self.ranks(), what)
+
+
+ROUND_TIMEOUT_ENV = "HOROVOD_LOCAL_ROUND_TIMEOUT"
+DEFAULT_ROUND_TIMEOUT = 900.0
+
+
+@contextlib.contextmanager
+def round_watchdog(what: str, rank: int, ranks: list) -> Iterator[None]:
+    """Never a silent hang: if a round's allreduce has not completed after
+    ``HOROVOD_LOCAL_ROUND_TIMEOUT`` seconds (default 900; 0: off), say why it most likely
+    waits and end this process, so that the launcher ends the job. A peer that finished its data
+    without join() and went on to another collective (an evaluation allreduce) never enters the
+    round; Horovod itself would only warn, forever."""
+    timeout = float(os.environ.get(ROUND_TIMEOUT_ENV, DEFAULT_ROUND_TIMEOUT))
+    if timeout <= 0:
+        yield
+        return
+
+    def fire() -> None:
+        print(f"horovod_local: {what} on rank {rank} has waited {timeout:.0f} s for the other "
+              f"ranks of {sorted(ranks)}. Most likely a rank finished its data without join() "
+              f"and is in another collective (e.g. an evaluation allreduce), or a rank called "
+              f"average_parameters() alone: call join() on every rank when its data ends. "
+              f"Ending this process so that the job does not hang ({ROUND_TIMEOUT_ENV}="
+              f"{timeout:g}; 0 turns this off).", file=sys.stderr, flush=True)
+        os._exit(1)  # the main thread is inside Horovod's wait: no exception can reach it
+
+    timer = threading.Timer(timeout, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def allgather_object(obj: Any, name: str, process_set: Any) -> list:

@@ -1,9 +1,11 @@
 """``DistributedLocalOptimizer``: Horovod's DistributedOptimizer, but local steps + periodic syncs."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
+import warnings
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -87,6 +89,9 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         self._hl_last_good: Optional[list[torch.Tensor]] = None  # nonfinite='skip' only
         self._hl_stats = SyncStats(period=self._hl_schedule.period)
         self._hl_round_start: Optional[float] = None
+        self._hl_grads_averaged: Optional[bool] = None  # synchronize() in warm-up: its result
+        self._hl_should_synchronize = True  # False inside skip_synchronize()
+        self._hl_state_settled = False  # every rank has state for every parameter
         self._hl_use_process_set(ps)
         # Elastic: a worker added later builds this while the others are in a reset, so a
         # collective here would pair with nothing; LocalTorchState.sync() checks instead.
@@ -132,6 +137,8 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         for key, v in sorted(self.state.get(p, {}).items()):
             if key in ("accumulator", "denominator") and self._hl_config.adaalter:
                 continue
+            if key == "step":  # a counter, whatever its shape (a 0-dim parameter's matches)
+                continue
             if torch.is_tensor(v) and v.dtype in FLOAT_DTYPES and v.shape == p.shape:
                 out.append((key, v))
         return out
@@ -163,8 +170,11 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             if p.grad is None:  # as Horovod: a missing gradient is allreduced as zeros
                 p.grad = torch.zeros_like(p)
             if p.grad.is_sparse:
-                raise ValueError(f"parameter {self._hl_names[p]!r} has a sparse gradient; "
-                                 f"horovod_local supports dense gradients only")
+                if not self._hl_sparse_as_dense:
+                    raise ValueError(f"parameter {self._hl_names[p]!r} has a sparse gradient; "
+                                     f"warm-up allreduces dense gradients only (pass "
+                                     f"sparse_as_dense=True, as with Horovod)")
+                p.grad = p.grad.to_dense()
             out.append(ParamSlot(name=self._hl_names[p], value=p.grad))
         return out
 
@@ -180,12 +190,25 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         return self._hl_config.needs_anchors and self._hl_anchors is None
 
     # ---- the step ---------------------------------------------------------------------------
+    # GradScaler calls step() even when this rank's gradients overflowed, handing over its
+    # scale and found_inf, so that a skipped step still counts and ranks' rounds stay aligned.
+    _step_supports_amp_scaling = True
+
     def step(self, closure: Optional[Callable[[], float]] = None):
         st = self._hl_stats
+        overflow = self._hl_unscale_amp()
         if self._should_allreduce_gradients():
-            with torch.no_grad():
-                ok = self._hl_pipeline.gradient_round(self._hl_gradient_slots(), st.steps + 1)
-            # nonfinite='skip' and a rank sent NaN/Inf gradients: nobody takes this step
+            ok, self._hl_grads_averaged = self._hl_grads_averaged, None
+            if ok is None:
+                if not self._hl_should_synchronize:
+                    raise RuntimeError(
+                        "horovod_local: step() inside skip_synchronize() in a warm-up step "
+                        "without synchronize() first: the gradients were not averaged. Call "
+                        "optimizer.synchronize() before the with block (Horovod's idiom).")
+                ok = self._hl_average_gradients(quiet=overflow is not None)
+            elif not ok and overflow is None:  # synchronize() found NaN/Inf, no GradScaler
+                self._hl_nonfinite_after_synchronize()
+            # not ok: a rank sent NaN/Inf (AMP overflow or nonfinite='skip'): no rank steps
             loss = super(self.__class__, self).step(closure) if ok else None
             st.steps += 1
             st.warmup_steps_done += 1
@@ -194,13 +217,51 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
                 self.refresh_denominators()  # replicas are identical: the local refresh is the sync
             return loss
         self._hl_maybe_start_round()
-        loss = super(self.__class__, self).step(closure)
+        # an AMP overflow on this rank: no inner step here, but the step counts
+        loss = None if overflow else super(self.__class__, self).step(closure)
         st.steps += 1
         st.local_steps += 1
         st.bytes_per_step_allreduce += self._hl_grad_bytes()
         if self._should_sync():
             self._hl_sync_round(joined=False)
         return loss
+
+    @torch.no_grad()
+    def _hl_unscale_amp(self) -> Optional[bool]:
+        """Under ``GradScaler.step``: unscale the gradients (unless ``unscale_`` ran) and return
+        whether they overflowed on this rank; None outside a scaler."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return None
+        scale = getattr(self, "grad_scale", None)
+        if scale is not None:
+            inv = scale.double().reciprocal().float()  # as GradScaler.unscale_
+            for p in self._hl_params():
+                if p.grad is not None:
+                    p.grad.mul_(inv.to(p.grad.device))
+        # handled here: the inner step must see neither (torch's optimizers would use or
+        # refuse them); the scaler deletes both attributes after step()
+        self.grad_scale = self.found_inf = None
+        return bool(found_inf.item() > 0)
+
+    @torch.no_grad()
+    def _hl_average_gradients(self, quiet: bool = False) -> bool:
+        """Warm-up: average the gradients now; False if the sum is non-finite and the step
+        must be skipped on every rank. ``quiet``: a non-finite sum is not an error (a
+        GradScaler's overflow, or a decision left to step())."""
+        return self._hl_pipeline.gradient_round(self._hl_gradient_slots(),
+                                                self._hl_stats.steps + 1,
+                                                nonfinite="quiet" if quiet else None)
+
+    def _hl_nonfinite_after_synchronize(self) -> None:
+        msg = (f"horovod_local: non-finite values (NaN/Inf) in the gradients averaged by "
+               f"synchronize() for step {self._hl_stats.steps + 1}, so at least one rank "
+               f"diverged.")
+        if self._hl_config.nonfinite == "raise":
+            raise FloatingPointError(msg)
+        warnings.warn(msg + " Skipping this step (nonfinite='skip').", RuntimeWarning,
+                      stacklevel=3)
+        self._hl_stats.skipped_rounds += 1
 
     def _hl_grad_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self._hl_params())
@@ -234,29 +295,75 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             raise TypeError(f"outer_optimizer must return a torch.optim.Optimizer over the "
                             f"anchors it is given, got {type(self._hl_outer).__name__}")
 
+    def _hl_maybe_agree_on_state(self) -> None:
+        """``state_policy='average'``: inner state that some ranks created lazily and others
+        not (a parameter without a gradient there) is created as zeros where it is missing,
+        from the lowest rank that has it (SEMANTICS.md), so every rank packs the same layout.
+        One small allgather per sync until every rank has state for every parameter."""
+        if self._hl_config.state_policy != "average" or self._hl_state_settled \
+                or self._hl_size == 1:
+            return
+        params = self._hl_params()
+        mine = [_describe_state(self.state.get(p)) for p in params]
+        everyone = allgather_object(mine, "horovod_local.state_layout", self._hl_process_set)
+        for i, p in enumerate(params):
+            if mine[i] is None:
+                first = next((fp[i] for fp in everyone if fp[i] is not None), None)
+                if first is not None:
+                    self.state[p] = _zeros_like_state(first, p.device)
+        self._hl_state_settled = all(fp[i] is not None for fp in everyone
+                                     for i in range(len(params)))
+
     # ---- the sync round -----------------------------------------------------------------------
     @torch.no_grad()
-    def _hl_sync_round(self, joined: bool) -> int:
-        """One round; returns how many ranks have joined (summed control element)."""
+    def _hl_sync_round(self, joined: bool, explicit: bool = False) -> int:
+        """One round; returns how many ranks have joined (summed control element).
+        ``explicit``: an ``average_parameters()`` round (every rank must be in one)."""
         self._hl_maybe_start_round()
+        self._hl_maybe_agree_on_state()
         result = self._hl_pipeline.sync_round(
             self._hl_slots(), joined=1.0 if joined else 0.0, step=self._hl_stats.steps,
-            lr=self.param_groups[0]["lr"], schedule=_ScheduleHook(self))
+            lr=self.param_groups[0]["lr"], schedule=_ScheduleHook(self), explicit=explicit)
         self._hl_round_start = time.perf_counter()
         return int(round(result.joined))
 
     # ---- public API ---------------------------------------------------------------------------
     def synchronize(self) -> None:
-        """Average the model (and synced state) over the ranks now. Collective: every rank of
-        the process set must call it. Used with ``period=math.inf`` and at the end of training.
+        """Horovod's meaning: in a warm-up step, average the gradients now (so that, e.g.,
+        ``clip_grad_norm_`` sees the averaged gradients; the next ``step()`` does not average
+        them again); in a local step, nothing (no gradient allreduce is pending). Not a
+        parameter sync: that is :meth:`average_parameters`.
 
-        Note: unlike ``hvd.DistributedOptimizer.synchronize()`` (which waits for gradient
-        allreduces), this is a parameter sync round.
+        Horovod's clipping idiom works verbatim::
+
+            loss.backward()
+            optimizer.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            with optimizer.skip_synchronize():
+                optimizer.step()
         """
+        if self._should_allreduce_gradients() and self._hl_grads_averaged is None:
+            # the non-finite decision waits for step(): under a GradScaler it is no error
+            self._hl_grads_averaged = self._hl_average_gradients(quiet=True)
+
+    @contextlib.contextmanager
+    def skip_synchronize(self):
+        """Horovod's: ``step()`` inside does not average the gradients (call
+        :meth:`synchronize` first in warm-up steps; local steps average nothing anyway)."""
+        self._hl_should_synchronize = False
+        try:
+            yield
+        finally:
+            self._hl_should_synchronize = True
+
+    def average_parameters(self) -> None:
+        """Average the model (and synced state) over the ranks now: one sync round.
+        Collective: every rank of the process set must call it. Used with
+        ``period=math.inf`` and at the end of training."""
         if self._should_allreduce_gradients():
-            raise RuntimeError("horovod_local: synchronize() during warm-up; replicas are "
-                               "already identical while gradients are allreduced every step")
-        self._hl_sync_round(joined=False)
+            raise RuntimeError("horovod_local: average_parameters() during warm-up; replicas "
+                               "are already identical while gradients are allreduced every step")
+        self._hl_sync_round(joined=False, explicit=True)
 
     def join(self) -> None:
         """This rank has no more data this epoch: keep serving other ranks' sync rounds until all
@@ -330,15 +437,37 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             else [g.clone() for g in self._hl_last_good],
             "seconds_into_round": (time.perf_counter() - self._hl_round_start)
             if self._hl_round_start is not None else None,
+            "config": self._hl_config_description(),
         }
         return sd
+
+    def _hl_config_description(self) -> dict:
+        """What a checkpoint must agree on to be loaded here (the fingerprint's configuration)."""
+        return {name: value for kind, name, value in self._hl_fingerprint() if kind == "config"}
+
+    def _hl_check_loadable(self, ours: dict) -> None:
+        """A checkpoint of another configuration fails here, naming what differs, instead of
+        a TypeError / KeyError now or a failure at a later sync."""
+        saved = ours.get("config")
+        if saved is None:  # a checkpoint written before configurations were saved
+            return
+        mine = self._hl_config_description()
+        diff = [f"{k}: checkpoint {saved.get(k)!r}, this optimizer {mine.get(k)!r}"
+                for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+        if diff:
+            raise ValueError("horovod_local: load_state_dict of a checkpoint written by a "
+                             "differently configured DistributedLocalOptimizer: "
+                             + "; ".join(diff))
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         ours = state_dict.pop("horovod_local", None)
+        if ours is not None:
+            self._hl_check_loadable(ours)  # before anything is loaded
         super(self.__class__, self).load_state_dict(state_dict)
         if ours is None:
             return
+        self._hl_state_settled = False  # the loaded inner state may lack entries
         st = {k: v for k, v in ours["stats"].items() if k != "communication_ratio"}
         self._hl_stats = SyncStats(**st)
         self._hl_schedule.load_state_dict(ours["schedule"])
@@ -354,6 +483,27 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             self._hl_last_good = [g.to(p.device).clone() for g, p in zip(ours["last_good"], params)]
         if ours["seconds_into_round"] is not None:
             self._hl_round_start = time.perf_counter() - ours["seconds_into_round"]
+
+
+def _describe_state(state: Optional[dict]) -> Optional[dict]:
+    """A parameter's inner state as a picklable layout: tensors by (shape, dtype, device
+    type), other values as they are; None if it has none."""
+    if not state:
+        return None
+    return {k: ("tensor", tuple(v.shape), str(v.dtype).replace("torch.", ""), v.device.type)
+            if torch.is_tensor(v) else ("value", v) for k, v in state.items()}
+
+
+def _zeros_like_state(layout: dict, device: torch.device) -> dict:
+    out = {}
+    for k, d in layout.items():
+        if d[0] == "tensor":
+            _, shape, dtype, dev_type = d
+            out[k] = torch.zeros(shape, dtype=getattr(torch, dtype),
+                                 device=device if dev_type == device.type else dev_type)
+        else:
+            out[k] = copy.deepcopy(d[1])
+    return out
 
 
 def _parameter_names(opt: torch.optim.Optimizer, named_parameters) -> dict:
@@ -378,8 +528,11 @@ def _parameter_names(opt: torch.optim.Optimizer, named_parameters) -> dict:
         raise ValueError(f"named_parameters contains parameters not in the optimizer: {stray}")
     unnamed = [i for i, p in enumerate(opt_params) if p not in named]
     if unnamed:
+        where = ", ".join(f"position {i} (shape {tuple(opt_params[i].shape)})"
+                          for i in unnamed[:10])
         raise ValueError(f"named_parameters was specified, but {len(unnamed)} of the optimizer's "
-                         f"parameters are not named (positions {unnamed[:10]})")
+                         f"parameters are not named: {where}. Pass the named_parameters() of "
+                         f"every module whose parameters the optimizer holds")
     return named
 
 
@@ -396,6 +549,12 @@ def DistributedLocalOptimizer(
     outer_optimizer: Optional[Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = None,
     process_set: Any = None,
     nonfinite: str = "raise",
+    compression: Any = None,
+    op: Any = None,
+    backward_passes_per_step: int = 1,
+    gradient_predivide_factor: float = 1.0,
+    sparse_as_dense: bool = False,
+    groups: Any = None,
 ) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` for local SGD: local steps, and a parameter average every ``period``.
 
@@ -409,7 +568,7 @@ def DistributedLocalOptimizer(
         named_parameters: ``model.named_parameters()``; names appear in error messages.
             Validated as Horovod does.
         period: local steps between syncs (int >= 1), ``math.inf`` for no automatic sync
-            (call :meth:`synchronize`), or a schedule: ``Constant``, ``Increasing``,
+            (call :meth:`average_parameters`), or a schedule: ``Constant``, ``Increasing``,
             ``Adaptive`` (ADPSGD), ``TimeBudget``, ``Never`` from :mod:`horovod_local`.
         warmup_steps: steps at the start that allreduce gradients every step, exactly like
             ``hvd.DistributedOptimizer`` (post-local SGD).
@@ -427,6 +586,24 @@ def DistributedLocalOptimizer(
             back) or ``'skip'`` (warn, and every rank returns to the last good average; costs a
             copy of the parameters).
 
+    Horovod's ``DistributedOptimizer`` arguments, so that a swap needs no other change:
+
+        compression: ``hvd.Compression.none`` (or None). Compressed syncs are not implemented
+            yet: ``hvd.Compression.fp16`` raises ``ValueError``.
+        op: ``hvd.Average`` (or None): a sync is an average. ``hvd.Sum`` / ``hvd.Adasum``
+            raise ``ValueError`` (a sum of models, or Adasum's gradient combination, is no
+            model average).
+        backward_passes_per_step: as in Horovod, the user calls ``backward()`` this many times
+            per ``step()``; the gradients accumulate in ``.grad`` into one local step (or one
+            warm-up allreduce). Only validated here: nothing else changes.
+        gradient_predivide_factor: 1.0 only (Horovod's split of the averaging factor before
+            and after the sum; our sums are exact averages in the tensors' dtype).
+        sparse_as_dense: convert sparse gradients to dense before a warm-up allreduce
+            (without it a sparse gradient in warm-up raises ``ValueError``; local steps hand
+            sparse gradients to the inner optimizer as they are).
+        groups: accepted and ignored: every sync packs all tensors of a dtype into one buffer
+            already, which is what Horovod's grouping asks for.
+
     Example::
 
         import horovod.torch as hvd, torch, horovod_local.torch as hl
@@ -438,14 +615,25 @@ def DistributedLocalOptimizer(
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         for x, y in loader:
             opt.zero_grad(); torch.nn.functional.mse_loss(model(x), y).backward(); opt.step()
-        opt.synchronize()   # every rank ends with the same model
+        opt.average_parameters()   # every rank ends with the same model
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if "_hl_process_set" in optimizer.__dict__:
         raise ValueError("optimizer is already a DistributedLocalOptimizer")
+    if _is_horovod_distributed(optimizer):
+        raise ValueError("optimizer is a horovod.torch.DistributedOptimizer: wrap the plain "
+                         "torch optimizer instead (DistributedLocalOptimizer replaces Horovod's, "
+                         "it does not go on top of it)")
+    if isinstance(outer_optimizer, type):
+        raise ValueError(f"outer_optimizer must be a factory anchors -> optimizer, e.g. "
+                         f"lambda p: torch.optim.SGD(p, lr=0.7, momentum=0.9, nesterov=True); "
+                         f"got the class {outer_optimizer.__name__}, which would run with its "
+                         f"default hyper-parameters")
     if outer_optimizer is not None and not callable(outer_optimizer):
         raise ValueError("outer_optimizer must be a callable anchors -> torch.optim.Optimizer")
+    _check_horovod_arguments(compression, op, backward_passes_per_step,
+                             gradient_predivide_factor, groups)
     config = SyncConfig.from_arguments(period, warmup_steps, state_policy, algorithm, slowmo_lr,
                                        slowmo_momentum, outer=outer_optimizer,
                                        nonfinite=nonfinite,
@@ -453,8 +641,47 @@ def DistributedLocalOptimizer(
 
     members = {k: v for k, v in _DistributedLocalOptimizer.__dict__.items()
                if k not in ("__dict__", "__weakref__")}
+    # Horovod's module name: hvd.broadcast_optimizer_state initialises empty state with
+    # super(cls, opt).step() (the inner step) for optimizers of that module, instead of a
+    # wrapper step() (which would count a step, or enter a collective on one rank).
+    members["__module__"] = _HOROVOD_OPTIMIZER_MODULE
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), members)
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)  # same param_groups, state and hooks
+    wrapped._hl_sparse_as_dense = bool(sparse_as_dense)
     wrapped._hl_setup(named_parameters, config, outer_optimizer, process_set)
     return wrapped
+
+
+_HOROVOD_OPTIMIZER_MODULE = "horovod.torch.optimizer"
+
+
+def _is_horovod_distributed(optimizer: torch.optim.Optimizer) -> bool:
+    # Horovod copies its mixin's methods into a run-time subclass (no common base class)
+    return type(optimizer).__module__ == _HOROVOD_OPTIMIZER_MODULE and \
+        hasattr(type(optimizer), "_allreduce_grad_async")
+
+
+def _check_horovod_arguments(compression: Any, op: Any, backward_passes_per_step: Any,
+                             gradient_predivide_factor: Any, groups: Any) -> None:
+    """Horovod's DistributedOptimizer arguments: accept what has a meaning here (docstring of
+    DistributedLocalOptimizer), refuse the rest naming the argument and why."""
+    if compression is not None:
+        name = getattr(compression, "__name__", type(compression).__name__)
+        if name not in ("NoneCompressor",):
+            raise ValueError(f"compression={name}: compressed syncs are not implemented yet; "
+                             f"use hvd.Compression.none (the default)")
+    if op is not None:
+        hvd = _hvd()
+        if op != hvd.Average:
+            raise ValueError(f"op={op!r}: a sync averages the models over the ranks; only "
+                             f"hvd.Average applies (hvd.Sum would add models, hvd.Adasum "
+                             f"combines gradients)")
+    if isinstance(backward_passes_per_step, bool) or not isinstance(
+            backward_passes_per_step, int) or backward_passes_per_step < 1:
+        raise ValueError(f"backward_passes_per_step must be an integer >= 1, got "
+                         f"{backward_passes_per_step!r}")
+    if gradient_predivide_factor != 1.0:
+        raise ValueError(f"gradient_predivide_factor={gradient_predivide_factor!r}: only 1.0 "
+                         f"applies (syncs average exactly: sum, then times 1/n)")
+    del groups  # accepted: every sync already packs each dtype into one buffer

@@ -49,7 +49,7 @@ def instrument(name: str, opt, log: dict) -> None:
 
     sync_round, check = opt._hl_sync_round, opt._hl_check_replicas
 
-    def recording_sync_round(joined: bool) -> int:
+    def recording_sync_round(joined: bool, explicit: bool = False) -> int:
         pre = flat(opt._hl_params())
         rec: dict[str, Any] = {"opt": name, "step": opt._hl_stats.steps, "size": opt._hl_size,
                                "hvd_size": hvd.size(), "rank": hvd.rank(), "pre": pre,
@@ -57,7 +57,7 @@ def instrument(name: str, opt, log: dict) -> None:
         if opt._hl_anchors is not None:
             rec.update(x0=flat(opt._hl_anchors), u=flat(opt._hl_momenta),
                        lr=opt.param_groups[0]["lr"])
-        n = sync_round(joined)
+        n = sync_round(joined, explicit)
         rec["post"] = flat(opt._hl_params())
         if opt._hl_anchors is not None:
             rec["x0_after"] = flat(opt._hl_anchors)
@@ -145,7 +145,7 @@ def main() -> None:
 
     train(state)
     for opt in opts.values():
-        opt.synchronize()
+        opt.average_parameters()
     log["final"] = {n: flat(o._hl_params()) for n, o in opts.items()}
     log["stats"] = {n: o.sync_stats().as_dict() for n, o in opts.items()}
     log["rank"], log["size"] = hvd.rank(), hvd.size()

@@ -1,5 +1,6 @@
-"""Rank 2 of 3 is killed (SIGKILL) mid-training, or leaves with exit status 0 (payload how='exit');
-the others are blocked in a sync round."""
+"""Rank 2 of 3 is killed (SIGKILL) mid-training, or leaves with exit status 0 (payload how='exit'),
+or its data ends and it evaluates (an allreduce) without join() (how='forgot_join'); the others
+are blocked in a sync round."""
 from __future__ import annotations
 
 import os
@@ -28,9 +29,13 @@ def main():
         if hvd.rank() == payload["victim"] and t == 5:
             with open(os.path.join(out_dir, "killed_at"), "w") as f:
                 f.write(repr(__import__("time").time()))
+            if payload.get("how") == "forgot_join":  # its data ended: it evaluates, no join()
+                print(f"rank {hvd.rank()}: evaluating without join() at step {t}", flush=True)
+                hvd.allreduce(torch.tensor([1.0]), name="metric")  # never met: the others sync
+                return
             if payload.get("how", "kill") == "exit":  # a clean exit without join(): status 0
                 print(f"rank {hvd.rank()}: leaving (exit 0) at step {t}", flush=True)
-                os._exit(0)
+                return  # the script ends normally (atexit handlers run), as a user's would
             print(f"rank {hvd.rank()}: killing myself at step {t}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         x, y = (torch.tensor(a) for a in fixtures.make_batch(hvd.rank(), t))

@@ -101,7 +101,7 @@ def run_config(cfg: dict) -> dict:
         if cfg.get("join"):
             opt.join()  # join rounds are not recorded: the reference replays them itself
         elif cfg.get("final_sync"):
-            opt.synchronize()
+            opt.average_parameters()
     out = {"params": {n: p.detach().numpy().copy() for n, p in model.named_parameters()},
            "losses": losses, "rounds": rounds, "sync_steps": sync_steps, "periods": periods}
     if hasattr(opt, "sync_stats"):
