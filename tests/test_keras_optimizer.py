@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import fixtures
+import reference
 from harness import run_horovod
 from reference import simulate
 
@@ -93,15 +94,20 @@ RELIABILITY = dict(id="reliability", kind="reliability",
                                "inner", "outer", "ctl"])
 TIME_BUDGET = dict(id="time_budget_join", kind="time_budget", inner=SGD,
                    schedule={"kind": "time_budget", "seconds": 0.03}, steps=40)
+# A different number of batches per rank in every epoch (rank r: batches[r]), validation data,
+# the three collective callbacks (and a user collective at epoch end): no hang, one join per
+# epoch, identical replicas after every epoch (tests/workers/keras_local.py, run_uneven).
+UNEVEN = dict(id="uneven_epochs", kind="uneven", inner=SGD, schedule=const(4),
+              batches=[10, 13, 11], epochs=2, val_first=101, val_batches=2)
 
 # (n, controller) -> configs. Each job is one horovodrun (one TF start-up) running its list;
 # (2, gloo) runs everything, the other two a cross-section (time on a 2-core machine).
-FULL = CONFIGS + [SYNC_SGD, CALLBACKS, RELIABILITY] + RESUME
+FULL = CONFIGS + [SYNC_SGD, CALLBACKS, RELIABILITY] + RESUME + [UNEVEN]
 
 
 def _pick(*ids):
     return [c for c in CONFIGS + [SYNC_SGD, CALLBACKS, TIME_BUDGET, RELIABILITY] + RESUME
-            if c["id"] in ids]
+            + [UNEVEN] if c["id"] in ids]
 
 
 JOBS = {
@@ -113,7 +119,9 @@ JOBS = {
     (3, "gloo"): _pick("local_sgd_H4", "increasing", "adpsgd", "state_reset_momentum",
                        "state_average_adam", "adaalter_H4", "slowmo", "diloco_outer_nesterov",
                        "callbacks", "reliability", "resume_adaalter", "resume_slowmo"),
+    (3, "mpi"): _pick("uneven_epochs"),  # small: one fit per variant
 }
+TIMEOUT = {(3, "mpi"): 300}  # a hang fails the job after this many seconds (default 600)
 
 
 def _payload(n: int, controller: str) -> list[dict]:
@@ -127,13 +135,37 @@ def _payload(n: int, controller: str) -> list[dict]:
 
 @functools.lru_cache(maxsize=None)
 def job(n: int, controller: str) -> tuple:
-    return tuple(run_horovod("keras_local", n, controller, _payload(n, controller), timeout=600))
+    return tuple(run_horovod("keras_local", n, controller, _payload(n, controller),
+                             timeout=TIMEOUT.get((n, controller), 600)))
 
 
 def _reference(cfg: dict, n: int) -> dict:
     kw = {k: cfg[k] for k in ("warmup_steps", "state_policy", "algorithm", "final_sync")
           if k in cfg}
     return simulate(n, cfg["steps"], inner=cfg["inner"], schedule=cfg["schedule"], **kw)
+
+
+def _per_epoch_reference(monkeypatch, n: int, epochs: int, steps: list, inner: dict,
+                         schedule: dict, continuous_data: bool) -> list:
+    """The reference for ``model.fit`` with a join at every epoch's end: one ``simulate(...,
+    join=True)`` per epoch, each starting from the previous epoch's joined model (patched in
+    as the fixtures' initial parameters). Rank r takes ``steps[r]`` steps per epoch, on its
+    batches 1.. again each epoch, or (``continuous_data``) continuing where the last epoch
+    stopped, with ``inner["lr_schedule"]`` continuing too. Returns one result per epoch."""
+    make_batch, start, out = reference.fixtures.make_batch, fixtures.init_params(), []
+    for e in range(epochs):
+        off = [e * s if continuous_data else 0 for s in steps]
+        monkeypatch.setattr(reference.fixtures, "init_params",
+                            lambda p=start: {k: v.copy() for k, v in p.items()})
+        monkeypatch.setattr(reference.fixtures, "make_batch",
+                            lambda r, t, off=off: make_batch(r, t + off[r]))
+        spec = dict(inner)
+        if "lr_schedule" in inner:
+            spec["lr_schedule"] = lambda t, f=inner["lr_schedule"], o=off[0]: f(t + o)
+        out.append(simulate(n, list(steps), inner=spec, schedule=schedule, join=True))
+        start = out[-1]["params"][0]
+    monkeypatch.undo()
+    return out
 
 
 def _assert_params_close(got: dict, want: dict, what: str) -> None:
@@ -189,20 +221,22 @@ def test_h1_equals_synchronous_sgd(n, controller):
                              f"H=1 vs sync SGD, rank {r}")
         st = ranks[r]["sync_sgd_all_warmup"]["stats"]
         assert st["warmup_steps_done"] == 50 and st["syncs"] == 0
-        assert st["bytes_sent"] == 50 * ((4 * 6 + 4) + 1) * 8  # gradients + control, float64
+        # gradients + 3 control elements (round kind, round number, explicit), float64
+        assert st["bytes_sent"] == 50 * ((4 * 6 + 4) + 3) * 8
 
 
 def test_bytes_and_traffic_ratio():
     got = job(2, "gloo")[0]["local_sgd_H4"]["stats"]
     param_bytes = (4 * 6 + 4) * 8
-    assert got["bytes_sent"] == 15 * (param_bytes + 8)
+    control = 3 * 8  # round kind / joined, round number, explicit round (float64)
+    assert got["bytes_sent"] == 15 * (param_bytes + control)
     assert got["bytes_per_step_allreduce"] == 60 * param_bytes
-    assert got["communication_ratio"] == pytest.approx(15 * 232 / (60 * 224))
+    assert got["communication_ratio"] == pytest.approx(15 * (224 + control) / (60 * 224))
 
 
 @pytest.mark.parametrize("n,controller", [k for k in JOBS if any(c["id"] == "callbacks"
                                                                   for c in JOBS[k])])
-def test_callbacks(n, controller):
+def test_callbacks(n, controller, monkeypatch):
     cfg = CALLBACKS
     ranks = [job(n, controller)[r]["callbacks"] for r in range(n)]
     init = fixtures.init_params()
@@ -210,20 +244,24 @@ def test_callbacks(n, controller):
     for r in range(n):
         for k in init:
             np.testing.assert_array_equal(ranks[r]["begin"][k], init[k])
-    # final sync: identical models on every rank, equal to the reference with a final sync
-    steps = cfg["steps_per_epoch"] * cfg["epochs"]
+    # a join at every epoch's end (the last batch's end: Keras knows the batches): identical
+    # models on every rank, equal to the reference joining at each epoch's end
+    spe, steps = cfg["steps_per_epoch"], cfg["steps_per_epoch"] * cfg["epochs"]
     N, lr = cfg["lr_warmup_batches"], cfg["inner"]["lr"]
     mult = lambda b: (1.0 / n * ((b + 1) * (n - 1) / N + 1.0)) if b < N else 1.0  # noqa: E731
-    ref = simulate(n, steps, inner={**cfg["inner"], "lr_schedule": mult},
-                   schedule=cfg["schedule"], final_sync=True)
+    refs = _per_epoch_reference(monkeypatch, n, cfg["epochs"], [spe] * n,
+                                {**cfg["inner"], "lr_schedule": mult}, cfg["schedule"],
+                                continuous_data=True)
     for r in range(n):
         for k in init:
             np.testing.assert_array_equal(ranks[r]["params"][k], ranks[0]["params"][k])
-        _assert_params_close(ranks[r]["params"], ref["params"][r], f"callbacks rank {r}")
+        _assert_params_close(ranks[r]["params"], refs[-1]["params"][r], f"callbacks rank {r}")
         # Horovod's warm-up formula, batch by batch, then the full lr
         np.testing.assert_allclose(ranks[r]["lrs"], [lr * mult(b) for b in range(steps)],
                                    rtol=1e-12)
-    assert ranks[0]["stats"]["syncs"] == steps // 4 + 1
+    per_epoch = [ref["syncs"] for ref in refs]
+    assert per_epoch == [spe // 4 + 1] * cfg["epochs"]  # scheduled rounds + the epoch's join
+    assert ranks[0]["stats"]["syncs"] == sum(per_epoch)  # no train-end join: none needed
     # metric averaging: the logs after MetricAverageCallback are the mean of the ranks' logs
     for e in range(cfg["epochs"]):
         for key in ("loss", "mae"):
@@ -232,7 +270,79 @@ def test_callbacks(n, controller):
             for r in range(n):
                 assert ranks[r]["avg"][e][key] == pytest.approx(np.mean(raw), rel=1e-12)
                 assert ranks[r]["history"][key][e] == pytest.approx(np.mean(raw), rel=1e-12)
-        assert ranks[0]["history"]["hl_syncs"][e] == (e + 1) * cfg["steps_per_epoch"] // 4
+        assert ranks[0]["history"]["hl_syncs"][e] == sum(per_epoch[: e + 1])
+
+
+def _uneven_cases():
+    return [pytest.param(n, c, id=f"np{n}-{c}") for (n, c), cfgs in JOBS.items()
+            if UNEVEN in cfgs]
+
+
+@pytest.mark.parametrize("n,controller", _uneven_cases())
+def test_uneven_batches_per_rank_join_every_epoch(n, controller, monkeypatch):
+    """model.fit with a different number of batches per rank in every epoch, validation data,
+    BroadcastGlobalVariablesCallback / FinalSyncCallback / MetricAverageCallback and a user
+    callback allreducing at epoch end (listed first): the job ends (no hang: job() fails after
+    its timeout), one join per epoch, every rank holds the same model after each epoch, equal
+    to the reference joining at each epoch's end; validation measures the joined model."""
+    cfg = UNEVEN
+    got = [job(n, controller)[r]["uneven_epochs"] for r in range(n)]
+    steps = [cfg["batches"][r % len(cfg["batches"])] for r in range(n)]
+    assert len(set(steps)) > 1, "the batches per rank must differ (else the test is vacuous)"
+    refs = _per_epoch_reference(monkeypatch, n, cfg["epochs"], steps, cfg["inner"],
+                                cfg["schedule"], continuous_data=False)
+    H = cfg["schedule"]["period"]
+    per_epoch = [ref["syncs"] for ref in refs]
+    # the scheduled rounds of the rank with the most batches, and the round everyone joins
+    assert per_epoch == [max(steps) // H + 1] * cfg["epochs"]
+    syncs_after = list(np.cumsum(per_epoch))
+    val = [_val_data(r, cfg["val_first"], cfg["val_batches"]) for r in range(n)]
+    for variant in ("known", "unknown"):
+        for r in range(n):
+            g = got[r][variant]
+            what = f"{variant} rank {r}"
+            assert g["batches"] == steps[r]
+            assert g["stats"]["steps"] == steps[r] * cfg["epochs"], what
+            assert g["stats"]["syncs"] == syncs_after[-1], what  # no train-end join needed
+            assert g["epoch_syncs"] == syncs_after, what
+            for e in range(cfg["epochs"]):
+                for k in g["epoch_params"][e]:  # identical replicas after every epoch's join
+                    np.testing.assert_array_equal(g["epoch_params"][e][k],
+                                                  got[0][variant]["epoch_params"][e][k])
+                _assert_params_close(g["epoch_params"][e], refs[e]["params"][r],
+                                     f"{what} epoch {e}")
+            for k in g["params"]:
+                np.testing.assert_array_equal(g["params"][k], got[0][variant]["params"][k])
+                # both ways of joining (last batch / validation / on_epoch_end) agree
+                np.testing.assert_allclose(g["params"][k], got[r]["known"]["params"][k],
+                                           rtol=1e-12)
+            # validation ran on the joined model: val_loss = the loss of the epoch's model
+            for e, logs in enumerate(g["raw"]):
+                if "val_loss" in logs:
+                    loss, _ = fixtures.loss_and_grads(g["epoch_params"][e], *val[r])
+                    assert logs["val_loss"] == pytest.approx(loss, rel=1e-9), what
+            assert sum("val_loss" in logs for logs in g["raw"]) == \
+                (cfg["epochs"] if variant == "known" else cfg["epochs"] // 2)
+        # averaged metrics (training and validation) are the mean of the ranks' own
+        for e in range(cfg["epochs"]):
+            for key in got[0][variant]["raw"][e]:
+                raw = [got[r][variant]["raw"][e][key] for r in range(n)]
+                for r in range(n):
+                    assert got[r][variant]["avg"][e][key] == pytest.approx(np.mean(raw),
+                                                                           rel=1e-12)
+    # the user's own epoch-end allreduce, listed before ours, met on every rank
+    for r in range(n):
+        assert got[r]["known"]["user"] == [n * (n + 1) / 2] * cfg["epochs"]
+    # not vacuous: training moved the weights, and the ranks' own data pulled them apart
+    # before each join (the reference's deviation at the joins)
+    init = fixtures.init_params()
+    assert not np.allclose(got[0]["known"]["params"]["weight"], init["weight"])
+    assert all(ref["S"][-1] > 0 for ref in refs)
+
+
+def _val_data(rank: int, first: int, count: int) -> tuple:
+    xs, ys = zip(*(fixtures.make_batch(rank, t) for t in range(first, first + count)))
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def _resume_cases():
@@ -338,6 +448,17 @@ def test_nonfinite_skip_restores_last_good_average_and_continues(n, controller):
             np.testing.assert_array_equal(sync["seen"][8][name], sync["seen"][4][name])
             # no rank took warm-up step 2
             np.testing.assert_array_equal(warm["seen"][2][name], warm["seen"][1][name])
+
+
+@pytest.mark.parametrize("n,controller", _reliability_cases())
+def test_average_parameters_alone_fails_on_every_rank(n, controller):
+    """Some ranks call average_parameters() while rank 1 is in its scheduled sync: the round
+    carries the explicit-round flag, so every rank fails naming it (not a silent average)."""
+    for r, res in enumerate(job(n, controller)):
+        err = res["reliability"]["average_parameters_alone"]
+        assert err.startswith("InvalidArgumentError"), f"rank {r}: {err}"
+        assert "some called average_parameters() while others are in a scheduled round" in err, \
+            f"rank {r}: {err}"
 
 
 def test_time_budget_rounds_and_join():

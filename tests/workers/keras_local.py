@@ -3,8 +3,10 @@
 Config format = tests/reference.py's (inner / schedule / warmup_steps / state_policy /
 algorithm / steps), plus ``kind``: ``fit`` (default), ``ctl`` (custom training loop),
 ``callbacks``, ``save_load`` (exact resume after model.save / load_model), ``time_budget``,
-``reliability`` (mismatched replicas, NaN at a sync); and for ``fit`` an optional ``dtype``
-("float64" by default, or "float32"): the model's, the data's and Keras' floatx for that config.
+``reliability`` (mismatched replicas, NaN at a sync), ``uneven`` (a different number of batches
+per rank in every epoch, with the collective callbacks and validation data); and for ``fit`` an
+optional ``dtype`` ("float64" by default, or "float32"): the model's, the data's and Keras'
+floatx for that config.
 """
 from __future__ import annotations
 
@@ -172,7 +174,7 @@ def run_fit(cfg: dict, rank: int) -> dict:
     model.fit(x, y, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0,
               callbacks=[rec.callback()])
     if cfg.get("final_sync"):
-        opt.synchronize()
+        opt.average_parameters()
     return result_of(opt, dense, rec)
 
 
@@ -220,7 +222,7 @@ def run_ctl(cfg: dict, rank: int) -> dict:
         if int(opt._hl_syncs.numpy()) > before:
             sync_steps.append(t)
     if cfg.get("final_sync"):
-        opt.synchronize()
+        opt.average_parameters()
     rec = Recorder(opt)
     rec.sync_steps = sync_steps
     return result_of(opt, dense, rec, traces=train_step.experimental_get_tracing_count())
@@ -260,6 +262,75 @@ def run_callbacks(cfg: dict, rank: int) -> dict:
     hist = model.fit(ds, epochs=epochs, steps_per_epoch=spe, verbose=0, callbacks=callbacks)
     return result_of(opt, dense, rec, begin=seen["begin"], raw=seen["raw"], avg=seen["avg"],
                      history={k: [float(v) for v in vs] for k, vs in hist.history.items()})
+
+
+def run_uneven(cfg: dict, rank: int) -> dict:
+    """``cfg["batches"][rank]`` batches per epoch (the same data every epoch), ``epochs``
+    epochs, validation data, ranks starting apart (the broadcast aligns them). Two runs:
+
+    * ``known``: arrays (Keras knows the number of batches), the callbacks in an unhelpful
+      order: first a callback of the user's that allreduces at every epoch's end, then
+      ``MetricAverageCallback``, then the broadcast and ``FinalSyncCallback``;
+    * ``unknown``: a dataset of unknown length (``filter``), validation every second epoch, so
+      the epoch's join runs at ``on_epoch_end`` (epoch 1) or at the validation's start (epoch 2).
+
+    Records per epoch the weights and sync count seen at ``on_epoch_end`` (after the join), the
+    logs before and after metric averaging, and the user collective's result."""
+    keras = _keras()
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+    from horovod_local.tensorflow import keras as hlk
+
+    nb = cfg["batches"][rank % len(cfg["batches"])]
+    x, y = data(rank, nb)
+    xv, yv = data(rank, cfg["val_batches"], first=cfg["val_first"])
+
+    @tf.function(autograph=False)
+    def user_sum(v):
+        return hvd.allreduce(v, op=hvd.Sum, name="test.user_epoch_end")
+
+    out = {}
+    for variant in ("known", "unknown"):
+        model, dense = make_model(perturb=0.01 * rank)
+        opt = make_optimizer(cfg)
+        model.compile(optimizer=opt, loss=loss_fn, metrics=["mae"], jit_compile=False)
+        seen = {"raw": [], "avg": [], "epoch_params": [], "epoch_syncs": [], "user": []}
+
+        class Raw(keras.callbacks.Callback):
+            def __init__(self, key):
+                super().__init__()
+                self.key = key
+
+            def on_epoch_end(self, epoch, logs=None):
+                seen[self.key].append({k: float(v) for k, v in logs.items()})
+
+        class AtEpochEnd(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                seen["epoch_params"].append(params_of(dense))
+                seen["epoch_syncs"].append(opt.sync_stats().syncs)
+
+        class UserCollective(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                seen["user"].append(float(user_sum(tf.constant([rank + 1.0], tf.float64))[0]))
+
+        if variant == "known":
+            callbacks = [UserCollective(), Raw("raw"), hlk.MetricAverageCallback(), Raw("avg"),
+                         hlk.BroadcastGlobalVariablesCallback(0), hlk.FinalSyncCallback(),
+                         AtEpochEnd()]
+            fit = dict(x=x, y=y, batch_size=fixtures.BATCH, shuffle=False,
+                       validation_data=(xv, yv))
+        else:
+            ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(fixtures.BATCH) \
+                .filter(lambda a, b: True)  # unknown length: Keras does not know the batches
+            callbacks = [hlk.BroadcastGlobalVariablesCallback(0), hlk.FinalSyncCallback(),
+                         Raw("raw"), hlk.MetricAverageCallback(), Raw("avg"), AtEpochEnd()]
+            fit = dict(x=ds, validation_data=(xv, yv), validation_freq=2)
+        hist = model.fit(epochs=cfg["epochs"], verbose=0, callbacks=callbacks, **fit)
+        out[variant] = dict(
+            params=params_of(dense), stats=opt.sync_stats().as_dict(), batches=nb,
+            history={k: [float(v) for v in vs] for k, vs in hist.history.items()}, **seen)
+        keras.backend.clear_session()
+    return out
 
 
 def run_save_load(cfg: dict, rank: int, out_dir: str) -> dict:
@@ -389,8 +460,26 @@ def _nan_run(cfg: dict, rank: int, steps: int, nan_rank: int, nan_step: int,
             "warnings": [str(w.message) for w in caught if w.category is RuntimeWarning]}
 
 
+def _average_parameters_alone(rank: int) -> str:
+    """Rank 1 takes 4 steps (a scheduled sync at step 4); the others take 3 and call
+    ``average_parameters()``: the explicit round meets a scheduled one. Returns the error."""
+    cfg = {"inner": {"name": "sgd", "lr": 0.05}, "schedule": {"kind": "constant", "period": 4}}
+    model, _ = make_model()
+    opt = make_optimizer(cfg)
+    model.compile(optimizer=opt, loss=loss_fn, jit_compile=False)
+    x, y = data(rank, 4 if rank == 1 else 3)
+
+    def run():
+        model.fit(x, y, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0)
+        if rank != 1:
+            opt.average_parameters()
+
+    return _error(run)
+
+
 def run_reliability(cfg: dict, rank: int) -> dict:
-    """Mismatched replicas, NaN at a sync or a warm-up allreduce (raise / skip)."""
+    """Mismatched replicas, NaN at a sync or a warm-up allreduce (raise / skip),
+    ``average_parameters()`` on some ranks only."""
     keras = _keras()
     out = {}
     for what in cfg["mismatches"]:
@@ -410,6 +499,8 @@ def run_reliability(cfg: dict, rank: int) -> dict:
     # ... and a skipped warm-up step: no rank takes step 2
     out["skip_warmup"] = _nan_run(dict(base, warmup_steps=4, nonfinite="skip"), rank, 12,
                                   nan_rank=1, nan_step=2, record=(1, 2))
+    keras.backend.clear_session()
+    out["average_parameters_alone"] = _average_parameters_alone(rank)
     return out
 
 
@@ -449,6 +540,8 @@ def main():
             results[cfg["id"]] = run_time_budget(cfg, rank)
         elif kind == "reliability":
             results[cfg["id"]] = run_reliability(cfg, rank)
+        elif kind == "uneven":
+            results[cfg["id"]] = run_uneven(cfg, rank)
         else:
             raise ValueError(kind)
         timings[cfg["id"]] = time.perf_counter() - t0

@@ -8,7 +8,7 @@ Example::
     model.compile(optimizer=hlk.DistributedLocalOptimizer(keras.optimizers.SGD(0.05), period=8),
                   loss="mse", jit_compile=False)
     model.fit(x, y, callbacks=[hlk.BroadcastGlobalVariablesCallback(0), hlk.FinalSyncCallback(),
-                               hlk.MetricAverageCallback()])
+                               hlk.MetricAverageCallback()])  # ranks may have uneven batches
 
 See ``docs/KERAS.md``.
 """
@@ -29,5 +29,6 @@ from horovod_local.tensorflow.keras.callbacks import (  # noqa: F401
     LearningRateWarmupCallback,
     MetricAverageCallback,
     SyncStatsLogger,
+    join_epoch,
 )
 from horovod_local.tensorflow.keras.optimizer import DistributedLocalOptimizer  # noqa: F401

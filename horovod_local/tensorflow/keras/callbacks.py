@@ -1,11 +1,23 @@
 """Keras 3 callbacks for horovod-local (and the Horovod Keras callbacks that do not work on
-Keras 3). Put them first in ``callbacks=[...]`` in this order: broadcast, final sync, metric
-averaging, then the rest, so that later callbacks (checkpoints, loggers) see the synced model
-and the averaged metrics."""
+Keras 3).
+
+Ranks may have different numbers of batches per epoch. The collective callbacks here
+(``BroadcastGlobalVariablesCallback``, ``FinalSyncCallback``, ``MetricAverageCallback``) therefore
+end every epoch with ``optimizer.join()``: the first of them that Keras calls at an epoch's end
+joins (a rank whose batches are done serves the other ranks' sync rounds until every rank has
+joined), the others see that the epoch is joined. The join runs at the earliest of: the end of
+the epoch's last batch (when Keras knows the number of batches: arrays, datasets of known
+length, ``steps_per_epoch``), the start of the validation, ``on_epoch_end``. So the join comes
+before any other epoch-end collective (metric averaging, the user's own), whatever the order of
+the callbacks, and validation, checkpoints and the averaged metrics all see the same model on
+every rank. Put these callbacks first in ``callbacks=[...]`` (broadcast, final sync, metric
+averaging, then the rest), so that later callbacks see the averaged metrics. See docs/KERAS.md,
+"Uneven data and epoch ends"."""
 from __future__ import annotations
 
 import math
 import sys
+import warnings
 from typing import Optional
 
 import keras
@@ -15,7 +27,7 @@ from horovod_local.tensorflow import collectives as fs
 from horovod_local.tensorflow.keras.optimizer import DistributedLocalOptimizer
 
 __all__ = ["BroadcastGlobalVariablesCallback", "MetricAverageCallback", "FinalSyncCallback",
-           "LearningRateWarmupCallback", "SyncStatsLogger", "find_local_optimizer"]
+           "LearningRateWarmupCallback", "SyncStatsLogger", "find_local_optimizer", "join_epoch"]
 
 # dtypes Horovod can broadcast (Keras' SeedGenerator states are uint32: they stay per rank, so
 # dropout masks differ across ranks, as each rank's data does)
@@ -39,10 +51,80 @@ def find_local_optimizer(optimizer) -> Optional[DistributedLocalOptimizer]:
     return None
 
 
-class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
+# The epoch-end join, shared by the collective callbacks through the optimizer: the first of
+# them to reach an epoch's end joins and records (epoch, iterations); the others skip.
+_EPOCH_JOINED = "epoch_joined"
+
+
+def _local_opt(model) -> Optional[DistributedLocalOptimizer]:
+    opt = getattr(model, "optimizer", None)
+    local = find_local_optimizer(opt) if opt is not None else None
+    return local if local is not None and local.built else None
+
+
+def _iterations(opt: DistributedLocalOptimizer) -> int:
+    return int(opt.iterations.numpy())
+
+
+def _join(opt: DistributedLocalOptimizer, epoch) -> None:
+    """``opt.join()``, recorded as this epoch's join (``epoch=None``: the end of training).
+    Skipped during warm-up: every rank takes every warm-up step (gradient rounds), so replicas
+    are identical and the ranks are in step; a sync round there would count as a round."""
+    it = _iterations(opt)
+    if it >= opt._hl_warmup_steps:
+        opt.join()
+    opt._hl_fns[_EPOCH_JOINED] = (epoch, it)
+
+
+def join_epoch(model, epoch: int) -> None:
+    """Run epoch ``epoch``'s ``optimizer.join()`` now, unless it already ran (the collective
+    callbacks call this; a second call for the same epoch with no step since does nothing).
+    A callback of yours that communicates at an epoch's end calls it first, so that no rank is
+    still in a train step of that epoch, whatever the callbacks' order. A no-op without a
+    built DistributedLocalOptimizer. Collective (every rank, at the same epoch's end)."""
+    opt = _local_opt(model)
+    if opt is not None and opt._hl_fns.get(_EPOCH_JOINED) != (epoch, _iterations(opt)):
+        _join(opt, epoch)
+
+
+class _JoinsAtEpochEnd(keras.callbacks.Callback):
+    """Base of the collective callbacks (every rank must list them): at each epoch's end, the
+    first of them that Keras calls runs ``join()`` (see the module docstring). Subclasses call
+    ``super()`` first in the hooks they override."""
+
+    _hl_epoch = 0
+    _hl_fitting = False
+
+    def on_train_begin(self, logs=None):
+        self._hl_fitting, self._hl_epoch = True, 0
+        opt = _local_opt(self.model)
+        if opt is not None:  # a new fit: no epoch joined yet
+            opt._hl_fns.pop(_EPOCH_JOINED, None)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._hl_epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps = (self.params or {}).get("steps")
+        if steps and batch + 1 >= steps:  # this rank's last batch of the epoch
+            join_epoch(self.model, self._hl_epoch)
+
+    def on_test_begin(self, logs=None):
+        if self._hl_fitting:  # fit's validation: on the joined model
+            join_epoch(self.model, self._hl_epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        join_epoch(self.model, epoch)
+
+    def on_train_end(self, logs=None):
+        self._hl_fitting = False
+
+
+class BroadcastGlobalVariablesCallback(_JoinsAtEpochEnd):
     """At the start of training, set every rank's model and optimizer variables to
     ``root_rank``'s (one fused broadcast per dtype), so that all replicas start from the same
-    point. The Keras 3 counterpart of Horovod's callback of the same name."""
+    point. The Keras 3 counterpart of Horovod's callback of the same name. Joins at every
+    epoch's end (module docstring)."""
 
     def __init__(self, root_rank: int = 0, process_set=None) -> None:
         super().__init__()
@@ -51,6 +133,7 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
         self.broadcast_done = False
 
     def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
         # Keras 3 on TensorFlow builds the model and optimizer lazily, in the first traced train
         # step. If the model is built, build the optimizer now and broadcast before the first
         # step; otherwise broadcast after the first batch, as Horovod's callback does.
@@ -60,6 +143,7 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if not self.broadcast_done:
             self._broadcast()
+        super().on_train_batch_end(batch, logs)
 
     def _broadcast(self):
         if self.broadcast_done:
@@ -82,15 +166,17 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
         self.broadcast_done = True
 
 
-class MetricAverageCallback(keras.callbacks.Callback):
+class MetricAverageCallback(_JoinsAtEpochEnd):
     """At the end of each epoch, replace every metric in ``logs`` by its mean over the ranks
-    (one allreduce for all of them). Place it before callbacks that read the metrics."""
+    (one allreduce for all of them), after the epoch's join (module docstring). Place it before
+    callbacks that read the metrics."""
 
     def __init__(self, process_set=None) -> None:
         super().__init__()
         self.process_set = process_set
 
     def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)  # the join first: no rank is still in a train step
         if not logs:
             return
         keys = sorted(k for k, v in logs.items() if _is_number(v))
@@ -108,16 +194,26 @@ def _is_number(v) -> bool:
         return False
 
 
-class FinalSyncCallback(keras.callbacks.Callback):
-    """At the end of training (and, with ``every_epoch=True``, of every epoch) run
-    ``optimizer.join()``: every rank enters sync rounds until all ranks have, so all ranks end
-    with the same averaged model (save it on any rank). With ``TimeBudget`` schedules ranks may
-    be in different rounds at an epoch's end: use ``every_epoch=True`` before any other
-    collective (``MetricAverageCallback``, validation with collectives)."""
+class FinalSyncCallback(_JoinsAtEpochEnd):
+    """Every rank ends each epoch, and training, with the same averaged model (save it on any
+    rank): ``optimizer.join()`` at every epoch's end (module docstring: the first of this
+    package's collective callbacks that Keras calls joins) and, if a step was taken since, at
+    the end of training. Ranks may have different numbers of batches per epoch.
 
-    def __init__(self, every_epoch: bool = False) -> None:
+    Args:
+        every_epoch: kept for compatibility; the join runs at every epoch's end either way
+            (a rank whose data ends first must serve the others' sync rounds before any
+            epoch-end collective). ``False`` warns that it has no effect.
+    """
+
+    def __init__(self, every_epoch: bool = True) -> None:
         super().__init__()
-        self.every_epoch = every_epoch
+        if not every_epoch:
+            warnings.warn("FinalSyncCallback(every_epoch=False) has no effect: the collective "
+                          "callbacks join at every epoch's end, so that ranks with different "
+                          "numbers of batches meet before any epoch-end collective",
+                          DeprecationWarning, stacklevel=2)
+        self.every_epoch = True
 
     def _opt(self) -> DistributedLocalOptimizer:
         opt = find_local_optimizer(self.model.optimizer)
@@ -126,19 +222,18 @@ class FinalSyncCallback(keras.callbacks.Callback):
                              "DistributedLocalOptimizer")
         return opt
 
-    def on_epoch_end(self, epoch, logs=None):
-        if self.every_epoch:
-            self._sync()
+    def on_train_begin(self, logs=None):
+        self._opt()
+        super().on_train_begin(logs)
 
     def on_train_end(self, logs=None):
-        if not self.every_epoch:
-            self._sync()
-
-    def _sync(self):
+        super().on_train_end(logs)
         opt = self._opt()
-        if int(opt.iterations.numpy()) < opt._hl_warmup_steps:
-            return  # still in warm-up: replicas are identical already
-        opt.join()
+        if not opt.built:
+            return
+        last = opt._hl_fns.get(_EPOCH_JOINED)
+        if last is None or last[1] != _iterations(opt):  # steps since the last epoch's join
+            _join(opt, None)
 
 
 class LearningRateWarmupCallback(keras.callbacks.Callback):
@@ -198,7 +293,9 @@ class LearningRateWarmupCallback(keras.callbacks.Callback):
 class SyncStatsLogger(keras.callbacks.Callback):
     """Adds the sync statistics to the epoch logs (``hl_syncs``, ``hl_period``,
     ``hl_bytes_sent``, ``hl_communication_ratio``, ``hl_sync_seconds``) and, with
-    ``verbose=1``, prints them on rank 0 at the end of each epoch."""
+    ``verbose=1``, prints them on rank 0 at the end of each epoch. Not collective (it may be
+    given to some ranks only); list it after the collective callbacks so that, with an input
+    of unknown length, its numbers include the epoch's join round."""
 
     def __init__(self, verbose: int = 1) -> None:
         super().__init__()

@@ -30,6 +30,11 @@ def _dtype_name(dtype) -> str:
     return tf.as_dtype(dtype).name
 
 
+def _data_dependencies(grads: list) -> list:
+    """Tensors computed from the batch (the gradients; an ``IndexedSlices``' values)."""
+    return [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads if g is not None]
+
+
 def _check_not_xla() -> None:
     """Horovod's collectives have no XLA kernels (Keras' jit_compile='auto' enables XLA on
     GPU machines): fail with the fix instead of an obscure XLA error."""
@@ -55,7 +60,10 @@ class _VariableCounters:
         return getattr(self._opt, self._NAMES[name])
 
     def get(self, name: str) -> tf.Tensor:
-        return tf.convert_to_tensor(self._var(name))
+        v = self._var(name)
+        if v is None:  # skipped_rounds exists under nonfinite='skip' only
+            return tf.constant(0, tf.int64)
+        return tf.convert_to_tensor(v)
 
     def add(self, name: str, value) -> None:
         v = self._var(name)
@@ -95,7 +103,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         optimizer: the inner ``keras.optimizers.Optimizer`` (SGD, Adam, ...,
             :class:`LocalAdaAlter`). Its ``learning_rate`` is the wrapper's.
         period: local steps between syncs (int >= 1), ``math.inf`` for none (call
-            :meth:`synchronize` / use ``FinalSyncCallback``), or a schedule from
+            :meth:`average_parameters` / use ``FinalSyncCallback``), or a schedule from
             :mod:`horovod_local`: ``Constant``, ``Increasing``, ``Adaptive`` (ADPSGD),
             ``TimeBudget``, ``Never``.
         warmup_steps: first steps that average gradients every step (exactly Horovod's
@@ -118,7 +126,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             in ``sync_stats().skipped_rounds``; costs a copy of the parameters).
         name: the optimizer's name.
 
-    Before the first step (or ``synchronize()`` / ``join()`` / the broadcast callback) the
+    Before the first step (or ``average_parameters()`` / ``join()`` / the broadcast callback) the
     ranks compare their variables (paths, shapes, dtypes) and sync configuration in one small
     allgather, and all raise ``ValueError`` naming the first difference.
 
@@ -357,7 +365,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
 
         Not in ``build``: Keras also builds the optimizer in ``load_model`` and
         ``compile_from_config``, which a single rank may call (e.g. to evaluate), and a
-        collective there would hang. The first step, ``synchronize()``, ``join()`` and the
+        collective there would hang. The first step, ``average_parameters()``, ``join()`` and the
         broadcast callback are points every rank reaches together."""
         if self._hl_fns.get("replicas_checked"):
             return
@@ -405,10 +413,16 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         W = self._hl_warmup_steps
         in_warmup = step < W if W > 0 else None  # None: no warm-up, every step is local
         grads, take_step = self._hl_maybe_average_gradients(grads, tvars, step, in_warmup)
-        self._hl_maybe_start_round(in_warmup)
-        self._hl_inner_step(grads, tvars, take_step)
-        self._hl_count_step(in_warmup)
-        self._hl_maybe_sync(in_warmup, lr)
+        # Everything below waits for this batch's gradients. At the end of an input of unknown
+        # length Keras calls the train step once more on the exhausted iterator; the call fails
+        # at the batch, but ops that do not depend on it could still run: the counters would
+        # count a step that was not taken (Keras' own optimizers do), moving this rank's
+        # schedule and warm-up end.
+        with tf.control_dependencies(_data_dependencies(grads)):
+            self._hl_maybe_start_round(in_warmup)
+            self._hl_inner_step(grads, tvars, take_step)
+            self._hl_count_step(in_warmup)
+            self._hl_maybe_sync(in_warmup, lr)
 
     @staticmethod
     def _hl_when(pred: tf.Tensor, in_warmup, fn: Callable, default) -> None:
@@ -545,17 +559,22 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                 last_good=self._hl_last_good[i] if self._hl_last_good is not None else None))
         return slots
 
-    def _hl_sync_round(self, joined: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
-        """One round (all ranks enter it once); returns how many ranks have joined."""
+    def _hl_sync_round(self, joined: tf.Tensor, lr: tf.Tensor, explicit: bool = False
+                       ) -> tf.Tensor:
+        """One round (all ranks enter it once); returns how many ranks have joined.
+        ``explicit``: an ``average_parameters()`` round (every rank that has not joined must be
+        in one: a rank calling it alone fails on every rank instead of meeting a scheduled
+        round)."""
         if self._hl_anchors is not None:
             tf.cond(self._hl_anchors_set < 1, self._hl_init_anchors,
                     lambda: tf.constant(0, tf.int64))
-        if self._hl_last_good is not None:  # synchronize() before any local step
+        if self._hl_last_good is not None:  # average_parameters() before any local step
             tf.cond(self._hl_good_set < 1, self._hl_remember_good,
                     lambda: tf.constant(0, tf.int64))
         result = self._hl_pipeline().sync_round(
             self._hl_slots(lr), joined=joined,
-            step=tf.convert_to_tensor(_compat.iterations(self)), lr=lr, schedule=_GraphScheduleHook(self))
+            step=tf.convert_to_tensor(_compat.iterations(self)), lr=lr,
+            schedule=_GraphScheduleHook(self), explicit=explicit)
         self._hl_round_start.assign(tf.timestamp())
         return result.joined
 
@@ -565,23 +584,38 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             raise RuntimeError(f"horovod_local: {what}() before the optimizer was built (call "
                                f"optimizer.build(model.trainable_variables) or train first)")
 
-    def synchronize(self) -> None:
-        """Average the model (and synced state) over the ranks now. Collective: every rank of
-        the process set calls it. Used with ``period=math.inf`` and at the end of training.
-        Callable eagerly or inside a ``tf.function``."""
-        self._hl_require_built("synchronize")
+    def average_parameters(self) -> None:
+        """Average the model (and synced state) over the ranks now: one sync round. Collective:
+        every rank of the process set calls it (ranks that have joined serve it); a rank calling
+        it while another is in a scheduled round fails on every rank
+        (``tf.errors.InvalidArgumentError`` naming it). Used with ``period=math.inf`` and at the
+        end of training. Callable eagerly or inside a ``tf.function``."""
+        self._hl_require_built("average_parameters")
         self._hl_check_replicas()
         if tf.executing_eagerly() and \
                 int(_compat.iterations(self).numpy()) < self._hl_warmup_steps:
-            raise RuntimeError("horovod_local: synchronize() during warm-up; replicas are "
+            raise RuntimeError("horovod_local: average_parameters() during warm-up; replicas are "
                                "already identical while gradients are allreduced every step")
-        self._hl_fn("sync", self._hl_sync_round)(tf.constant(0.0, tf.float64),
-                                                 self._hl_current_lr())
+        fn = self._hl_fn("sync_explicit",
+                         lambda joined, lr: self._hl_sync_round(joined, lr, explicit=True))
+        fn(tf.constant(0.0, tf.float64), self._hl_current_lr())
+
+    def synchronize(self) -> None:
+        """Deprecated alias of :meth:`average_parameters` (warns, then averages). The PyTorch
+        front end's ``synchronize()`` has Horovod's meaning (finish the gradient allreduces), so
+        the parameter average has its own name in both front ends."""
+        warnings.warn("DistributedLocalOptimizer.synchronize() is deprecated: call "
+                      "average_parameters() (the same parameter average). synchronize() has "
+                      "Horovod's meaning in the PyTorch front end.", DeprecationWarning,
+                      stacklevel=2)
+        self.average_parameters()
 
     def join(self) -> None:
         """This rank has no more data: keep serving the other ranks' sync rounds until every
         rank has joined; then all ranks hold the same averaged model. Collective over the epoch
-        (every rank calls it once its data ends). Eager only (``FinalSyncCallback`` calls it)."""
+        (every rank calls it once its data ends). Eager only. In ``model.fit`` this package's
+        callbacks call it at every epoch's end (see ``FinalSyncCallback``); in a custom loop,
+        call it when this rank's data ends, before any other collective."""
         self._hl_require_built("join")
         if not tf.executing_eagerly():
             raise RuntimeError("horovod_local: join() loops in Python; call it eagerly")
