@@ -82,7 +82,7 @@ class KerasRun:
         if spec["kind"] == "horovod":
             allreduce_fn.get_concrete_function(gspecs)
         else:
-            self.sync_fn = tf.function(opt.synchronize, jit_compile=False)
+            self.sync_fn = tf.function(opt.average_parameters, jit_compile=False)
             self.sync_fn.get_concrete_function()
         self.grads_fn, self.allreduce_fn, self.apply_fn = grads_fn, allreduce_fn, apply_fn
         self._warm_up(spec)
