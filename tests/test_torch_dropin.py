@@ -50,6 +50,7 @@ def _scenarios(n: int) -> list[dict]:
         dict(id="lazy_state_adam", scenario="lazy_state", inner=ADAM, schedule=const(3),
              state_policy="average", steps=19, no_grad={last: ["weight"]}),
         dict(id="dtypes", scenario="dtypes"),
+        dict(id="dtype_matrix", scenario="dtype_matrix"),
         dict(id="checkpoints", scenario="checkpoints"),
         dict(id="broadcast_state", scenario="broadcast_state", inner=SGD_M, schedule=const(4)),
         # last: it leaves the ranks with an error (the same on every rank)
@@ -216,6 +217,21 @@ def test_bf16_zero_dim_and_empty_parameters(n, controller):
             np.testing.assert_array_equal(got["odd_params"][k], res[0]["dtypes"]["odd_params"][k])
     assert not np.array_equal(res[0]["dtypes"]["bf16_pre"]["weight"][0],
                               res[0]["dtypes"]["bf16_pre"]["weight"][1])  # ranks differed
+
+
+@pytest.mark.parametrize("n,controller", CASES)
+def test_mixed_dtypes_in_every_algorithm_and_policy(n, controller):
+    """bfloat16, float16, 0-dim and empty parameters with SlowMo / DiLoCo / local SGD, SGD
+    momentum / Adam / Local AdaAlter, keep / reset / average: no error, one model at the end."""
+    res = job(n, controller)
+    assert len(res[0]["dtype_matrix"]) == 24
+    for r in range(n):
+        for key, got in res[r]["dtype_matrix"].items():
+            assert got["error"] == "no error", (key, got["error"])
+            for name, v in got["params"].items():
+                np.testing.assert_array_equal(v, res[0]["dtype_matrix"][key]["params"][name],
+                                              err_msg=f"{key} {name}")
+                assert np.isfinite(v).all(), (key, name)
 
 
 @pytest.mark.parametrize("n,controller", CASES[:1])

@@ -277,6 +277,56 @@ def dtypes(cfg: dict) -> dict:
     return out
 
 
+def dtype_matrix(cfg: dict) -> dict:
+    """Every algorithm x state policy on a model with a bfloat16, a float16, a 0-dim and an
+    empty parameter: no error, and identical replicas after a final average_parameters()."""
+    import horovod.torch as hvd
+    import horovod_local.torch as hlt
+
+    rank, out = hvd.rank(), {}
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bf = torch.nn.Parameter(torch.linspace(-1, 1, 6).to(torch.bfloat16))
+            self.fp16 = torch.nn.Parameter(torch.linspace(0, 1, 5).to(torch.float16))
+            self.scale = torch.nn.Parameter(torch.tensor(0.5))
+            self.empty = torch.nn.Parameter(torch.zeros(0))
+
+        def forward(self, t):
+            return (self.scale * (self.bf.float() * t).sum() + (self.fp16.float() * t).sum()
+                    + self.empty.sum()) ** 2
+
+    algorithms = {"local_sgd": {}, "slowmo": dict(algorithm="slowmo", slowmo_momentum=0.5),
+                  "diloco": dict(outer_optimizer=lambda p: torch.optim.SGD(
+                      p, lr=0.7, momentum=0.9, nesterov=True))}
+    inners = {"sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9),
+              "adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+              "adaalter": lambda ps: hlt.LocalAdaAlter(ps, lr=0.01)}
+    for alg, akw in algorithms.items():
+        for inner_name, make in inners.items():
+            for policy in ("keep", "reset", "average"):
+                if inner_name == "adaalter" and policy == "reset":
+                    continue  # refused (ValueError), tested elsewhere
+                model = Mixed()
+                opt = hlt.DistributedLocalOptimizer(make(model.parameters()),
+                                                    model.named_parameters(), period=2,
+                                                    warmup_steps=1, state_policy=policy, **akw)
+
+                def run():
+                    for t in range(1, 6):
+                        opt.zero_grad()
+                        model(0.1 * (rank + t)).backward()
+                        opt.step()
+                    opt.average_parameters()
+
+                key = f"{alg}/{inner_name}/{policy}"
+                out[key] = {"error": _error(run),
+                            "params": {n: p.detach().float().numpy().copy()
+                                       for n, p in model.named_parameters()}}
+    return out
+
+
 def checkpoints(cfg: dict) -> dict:
     """load_state_dict of a checkpoint of another configuration."""
     import horovod_local.torch as hlt
@@ -342,7 +392,8 @@ def one_rank_average(cfg: dict) -> dict:
 
 SCENARIOS = {"amp": amp, "clip": clip, "horovod_arguments": horovod_arguments,
              "backward_passes": backward_passes, "sparse_warmup": sparse_warmup,
-             "lazy_state": lazy_state, "dtypes": dtypes, "checkpoints": checkpoints,
+             "lazy_state": lazy_state, "dtypes": dtypes, "dtype_matrix": dtype_matrix,
+             "checkpoints": checkpoints,
              "broadcast_state": broadcast_state, "one_rank_average": one_rank_average}
 
 
