@@ -88,17 +88,17 @@ def worker(out: str, repeats: int, prev: str = "") -> None:
     for model_name, (n_tensors, total) in MODELS.items():
         params = [torch.nn.Parameter(torch.randn(s) * (hvd.rank() + 1)) for s in _shapes(n_tensors, total)]
         opt = hlt.DistributedLocalOptimizer(torch.optim.SGD(params, lr=0.1), period=1_000_000)
-        # + our control and guard elements; real values (torch.empty may hold denormals or NaN,
+        # + our 3 control elements and the guard; real values (torch.empty may hold denormals or NaN,
         # whose arithmetic in the summing allreduce is slower)
-        packed = torch.randn(total + 2)
+        packed = torch.randn(total + 4)
         if prev:
             opt_prev = hlt_prev.DistributedLocalOptimizer(torch.optim.SGD(params, lr=0.1),
                                                           period=1_000_000)
 
         def fused():
-            opt.synchronize()
+            opt.average_parameters()
 
-        def previous():
+        def previous():  # before average_parameters() existed, synchronize() was the average
             opt_prev.synchronize()
 
         def pertensor():

@@ -144,6 +144,10 @@ class SyncOps:
         """One element of a summed buffer, as a float64 scalar."""
         raise NotImplementedError
 
+    def elements(self, buf: Any, index: int, count: int) -> list:
+        """``count`` consecutive elements from ``index``, as float64 scalars."""
+        return [self.element(buf, index + i) for i in range(count)]
+
     def proves_finite(self, bucket: Bucket, buf: Any) -> Any:
         """Cheap proof that a summed buffer is finite (bool-like); False means "search"."""
         raise NotImplementedError

@@ -97,7 +97,7 @@ class RoundPipeline:
         bufs = [ops.pack(b, control) for b in buckets]
         summed = ops.allreduce_sum(buckets, bufs, what, step)
         b, s = next((b, s) for b, s in zip(buckets, summed) if b.has_control)
-        ctrl = [ops.element(s, b.control_index() + i) for i in range(len(control))]
+        ctrl = ops.elements(s, b.control_index(), len(control))
         nbytes = sum(ops.nbytes(buf) for buf in bufs)
         return summed, ctrl, nbytes
 

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -39,6 +39,7 @@ def _hvd():
     return hvd
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_NAMES = {d: str(d).replace("torch.", "") for d in FLOAT_DTYPES}
 
 
 class TorchOps(SyncOps):
@@ -48,19 +49,21 @@ class TorchOps(SyncOps):
 
     def __init__(self, process_set: Any) -> None:
         self.process_set = process_set
+        self._size = process_set.size() if process_set is not None else 1  # fixed per set
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
 
     # ---- tensors ------------------------------------------------------------------------------
     def dtype_of(self, t):
-        if t.dtype not in FLOAT_DTYPES:
+        name = _DTYPE_NAMES.get(t.dtype)
+        if name is None:
             raise TypeError(f"horovod_local syncs floating-point tensors only, got {t.dtype}")
-        return t.dtype, str(t.dtype).replace("torch.", "")
+        return t.dtype, name
 
     def numel(self, t):
         return t.numel()
 
     def size(self):
-        return self.process_set.size()
+        return self._size
 
     def now(self):
         return time.perf_counter()
@@ -106,6 +109,9 @@ class TorchOps(SyncOps):
 
     def element(self, buf, index):
         return float(buf[index])
+
+    def elements(self, buf, index, count):
+        return buf[index: index + count].tolist()  # one read for the control elements
 
     def proves_finite(self, bucket, buf):
         guard = float(buf[-1])
@@ -214,6 +220,41 @@ ROUND_TIMEOUT_ENV = "HOROVOD_LOCAL_ROUND_TIMEOUT"
 DEFAULT_ROUND_TIMEOUT = 900.0
 
 
+class _Watchdog:
+    """One daemon thread per process that fires when a round has been waiting too long
+    (a thread started per round would cost more than a small sync's bookkeeping)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadline: Optional[float] = None
+        self._what = ""
+        threading.Thread(target=self._run, name="horovod_local-watchdog", daemon=True).start()
+
+    def arm(self, timeout: float, what: str) -> None:
+        with self._cond:
+            self._deadline, self._what = time.monotonic() + timeout, what
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        self._deadline = None  # a plain store: the thread re-reads it under the lock
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._deadline is None:
+                    self._cond.wait()
+                wait = self._deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(min(wait, 1.0))
+                    continue
+                what = self._what
+            print(what, file=sys.stderr, flush=True)
+            os._exit(1)  # the main thread is inside Horovod's wait: no exception can reach it
+
+
+_watchdog: Optional[_Watchdog] = None
+
+
 @contextlib.contextmanager
 def round_watchdog(what: str, rank: int, ranks: list) -> Iterator[None]:
     """Never a silent hang: if a round's allreduce has not completed after
@@ -221,27 +262,24 @@ def round_watchdog(what: str, rank: int, ranks: list) -> Iterator[None]:
     waits and end this process, so that the launcher ends the job. A peer that finished its data
     without join() and went on to another collective (an evaluation allreduce) never enters the
     round; Horovod itself would only warn, forever."""
+    global _watchdog
     timeout = float(os.environ.get(ROUND_TIMEOUT_ENV, DEFAULT_ROUND_TIMEOUT))
     if timeout <= 0:
         yield
         return
-
-    def fire() -> None:
-        print(f"horovod_local: {what} on rank {rank} has waited {timeout:.0f} s for the other "
-              f"ranks of {sorted(ranks)}. Most likely a rank finished its data without join() "
-              f"and is in another collective (e.g. an evaluation allreduce), or a rank called "
-              f"average_parameters() alone: call join() on every rank when its data ends. "
-              f"Ending this process so that the job does not hang ({ROUND_TIMEOUT_ENV}="
-              f"{timeout:g}; 0 turns this off).", file=sys.stderr, flush=True)
-        os._exit(1)  # the main thread is inside Horovod's wait: no exception can reach it
-
-    timer = threading.Timer(timeout, fire)
-    timer.daemon = True
-    timer.start()
+    if _watchdog is None:
+        _watchdog = _Watchdog()
+    _watchdog.arm(timeout, (
+        f"horovod_local: {what} on rank {rank} has waited {timeout:.0f} s for the other ranks "
+        f"of {sorted(ranks)}. Most likely a rank finished its data without join() and is in "
+        f"another collective (e.g. an evaluation allreduce), or a rank called "
+        f"average_parameters() alone: call join() on every rank when its data ends. Ending "
+        f"this process so that the job does not hang ({ROUND_TIMEOUT_ENV}={timeout:g}; 0 turns "
+        f"this off)."))
     try:
         yield
     finally:
-        timer.cancel()
+        _watchdog.disarm()
 
 
 def allgather_object(obj: Any, name: str, process_set: Any) -> list:

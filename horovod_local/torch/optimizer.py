@@ -144,24 +144,32 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         return out
 
     def _hl_slots(self) -> list[ParamSlot]:
-        """Every synced parameter with the tensors kept for it, for one round."""
-        params = self._hl_params()
-        lr_of = {p: g["lr"] for g in self.param_groups for p in g["params"]}
-        accum = dict(zip(params, self.accumulator_pairs(params))) \
-            if self._hl_config.adaalter else {}
-        slots = []
-        for i, p in enumerate(params):
-            states = self._hl_state_tensors(p)
-            a2, b2 = accum.get(p, (None, None))
-            anchor = self._hl_anchors[i] if self._hl_anchors is not None else None
-            slots.append(ParamSlot(
-                name=self._hl_names[p], value=p.data, lr=lr_of[p], anchor=anchor,
-                momentum=self._hl_momenta[i] if self._hl_momenta is not None else None,
-                pseudo_grad=anchor.grad if anchor is not None else None,
-                states=[v for _, v in states],
-                state_names=[f"{self._hl_names[p]}.{k}" for k, _ in states],
-                accumulator=a2, denominator=b2,
-                last_good=self._hl_last_good[i] if self._hl_last_good is not None else None))
+        """Every synced parameter with the tensors kept for it, for one round. (Per round:
+        lrs and lazily created state change; kept cheap, it runs on every sync.)"""
+        cfg = self._hl_config
+        # the inner state is acted on only by 'average' / 'reset' and a dropped round
+        want_states = cfg.state_policy != "keep" or cfg.nonfinite == "skip"
+        anchors, momenta, good = self._hl_anchors, self._hl_momenta, self._hl_last_good
+        names = self._hl_names
+        slots, i = [], 0
+        for g in self.param_groups:
+            lr = g["lr"]
+            for p in g["params"]:
+                if not p.requires_grad:
+                    continue
+                states = self._hl_state_tensors(p) if want_states else ()
+                anchor = anchors[i] if anchors is not None else None
+                slots.append(ParamSlot(
+                    name=names[p], value=p.data, lr=lr, anchor=anchor,
+                    momentum=momenta[i] if momenta is not None else None,
+                    pseudo_grad=anchor.grad if anchor is not None else None,
+                    states=[v for _, v in states],
+                    state_names=[f"{names[p]}.{k}" for k, _ in states],
+                    last_good=good[i] if good is not None else None))
+                i += 1
+        if cfg.adaalter:
+            for slot, (a2, b2) in zip(slots, self.accumulator_pairs(self._hl_params())):
+                slot.accumulator, slot.denominator = a2, b2
         return slots
 
     def _hl_gradient_slots(self) -> list[ParamSlot]:
