@@ -40,9 +40,10 @@ PIP_REQS=(
 STAMP="$(printf '%s\n' "${PIP_REQS[@]}" "$HOROVOD_VERSION" | sha1sum | cut -c1-12)"
 
 # --- 1. Debian packages ---------------------------------------------------------------
-step "Debian packages (openmpi-bin libopenmpi-dev iproute2)"
+step "Debian packages (openmpi-bin libopenmpi-dev iproute2 openssh)"
 need_apt=()
-for pkg in openmpi-bin libopenmpi-dev iproute2 cmake; do
+# openssh-server/-client: the multi-host test bed (scripts/hosts.sh) runs an sshd per host
+for pkg in openmpi-bin libopenmpi-dev iproute2 cmake openssh-server openssh-client; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
