@@ -140,13 +140,10 @@ class SyncOps:
         """Bytes a packed buffer puts on the wire (Python int)."""
         raise NotImplementedError
 
-    def element(self, buf: Any, index: int) -> Any:
-        """One element of a summed buffer, as a float64 scalar."""
-        raise NotImplementedError
-
     def elements(self, buf: Any, index: int, count: int) -> list:
-        """``count`` consecutive elements from ``index``, as float64 scalars."""
-        return [self.element(buf, index + i) for i in range(count)]
+        """``count`` consecutive elements of a summed buffer from ``index`` (the control
+        elements), as float64 scalars."""
+        raise NotImplementedError
 
     def proves_finite(self, bucket: Bucket, buf: Any) -> Any:
         """Cheap proof that a summed buffer is finite (bool-like); False means "search"."""

@@ -29,16 +29,10 @@ import tensorflow as tf
 
 from horovod_local.core import protocol
 from horovod_local.core.ops import Bucket, SyncOps
+from horovod_local.tensorflow.collectives import _hvd
 
 __all__ = ["TFOps", "TensorSlot", "FLOAT_DTYPES", "numel"]
 
-
-def _hvd():
-    """``horovod.tensorflow``, imported on first use: the kernels, the core and the docs import this
-    package without starting Horovod."""
-    import horovod.tensorflow as hvd
-
-    return hvd
 
 FLOAT_DTYPES = frozenset([tf.float64, tf.float32, tf.bfloat16, tf.float16])
 
@@ -122,8 +116,8 @@ class TFOps(SyncOps):
     def nbytes(self, buf):
         return int(buf.shape[0]) * buf.dtype.size
 
-    def element(self, buf, index):
-        return tf.cast(buf[index], tf.float64)
+    def elements(self, buf, index, count):
+        return [tf.cast(buf[index + i], tf.float64) for i in range(count)]
 
     def proves_finite(self, bucket, buf):
         wide = buf if bucket.dtype in (tf.float32, tf.float64) else tf.cast(buf, tf.float32)

@@ -107,9 +107,6 @@ class TorchOps(SyncOps):
     def nbytes(self, buf):
         return buf.numel() * (4 if buf.dtype == torch.bfloat16 else buf.element_size())
 
-    def element(self, buf, index):
-        return float(buf[index])
-
     def elements(self, buf, index, count):
         return buf[index: index + count].tolist()  # one read for the control elements
 

@@ -19,17 +19,9 @@ from horovod_local.schedules import PeriodSchedule
 from horovod_local.stats import SyncStats
 from horovod_local.torch._kernels import state_dtype
 from horovod_local.torch.adaalter import LocalAdaAlter
-from horovod_local.torch.ops import FLOAT_DTYPES, TorchOps, allgather_object
+from horovod_local.torch.ops import FLOAT_DTYPES, TorchOps, _hvd, allgather_object
 
 __all__ = ["DistributedLocalOptimizer"]
-
-
-def _hvd():
-    """``horovod.torch``, imported on first use: the kernels, the core and the docs import this
-    package without starting Horovod."""
-    import horovod.torch as hvd
-
-    return hvd
 
 class _StatsCounters:
     """The pipeline's counters over a ``SyncStats`` (plain attributes)."""

@@ -24,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from horovod_local.tensorflow import collectives as fs
+from horovod_local.tensorflow.collectives import _hvd
 from horovod_local.tensorflow.keras.optimizer import DistributedLocalOptimizer
 
 __all__ = ["BroadcastGlobalVariablesCallback", "MetricAverageCallback", "FinalSyncCallback",
@@ -32,12 +33,6 @@ __all__ = ["BroadcastGlobalVariablesCallback", "MetricAverageCallback", "FinalSy
 # dtypes Horovod can broadcast (Keras' SeedGenerator states are uint32: they stay per rank, so
 # dropout masks differ across ranks, as each rank's data does)
 _BROADCASTABLE = {"float16", "float32", "float64", "int32", "int64", "uint8", "int8", "bool"}
-
-
-def _hvd():
-    import horovod.tensorflow as hvd
-
-    return hvd
 
 
 def find_local_optimizer(optimizer) -> Optional[DistributedLocalOptimizer]:
