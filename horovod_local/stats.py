@@ -23,6 +23,10 @@ class SyncStats:
             unpack).
         last_deviation: the ADPSGD statistic S of the last round (``nan`` if not measured).
         skipped_rounds: rounds dropped because some rank sent NaN/Inf (``nonfinite='skip'``).
+        local_syncs: two-level averaging: local rounds (inside a group / host) performed.
+        local_bytes_sent: payload bytes of those local rounds (not in ``bytes_sent``).
+        local_round_steps: two-level averaging: local steps since the last round of either
+            level.
     """
 
     steps: int = 0
@@ -35,6 +39,9 @@ class SyncStats:
     sync_seconds: float = 0.0
     last_deviation: float = float("nan")
     skipped_rounds: int = 0
+    local_syncs: int = 0
+    local_bytes_sent: int = 0
+    local_round_steps: int = 0
 
     @property
     def communication_ratio(self) -> float:

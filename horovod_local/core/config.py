@@ -33,6 +33,8 @@ class SyncConfig:
             object or factory is kept by the front end.
         nonfinite: ``'raise'`` | ``'skip'``.
         adaalter: the inner optimizer is Local AdaAlter (its denominators sync too).
+        local_period: two-level averaging: the ranks of a group (host) average every this
+            many local steps, all ranks on the schedule; None: flat.
     """
 
     schedule: PeriodSchedule
@@ -44,12 +46,13 @@ class SyncConfig:
     outer: Any = None
     nonfinite: str = "raise"
     adaalter: bool = False
+    local_period: Optional[int] = None
 
     @classmethod
     def from_arguments(cls, period: Union[int, float, PeriodSchedule, None], warmup_steps: Any,
                        state_policy: Any, algorithm: Any, slowmo_lr: Any, slowmo_momentum: Any,
                        outer: Any = None, nonfinite: Any = "raise",
-                       adaalter: bool = False) -> "SyncConfig":
+                       adaalter: bool = False, local_period: Any = None) -> "SyncConfig":
         """Check the user's arguments (each ``ValueError`` names its argument)."""
         schedule = make_schedule(period)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) \
@@ -78,8 +81,21 @@ class SyncConfig:
             raise ValueError("state_policy='reset' does not apply to LocalAdaAlter: its "
                              "accumulators are always averaged at syncs (AdaAlter's own rule); "
                              "use 'keep'")
+        if local_period is not None:
+            if isinstance(local_period, bool) or not isinstance(local_period, numbers.Integral) \
+                    or local_period < 1:
+                raise ValueError(f"local_period must be an integer >= 1 or None, got "
+                                 f"{local_period!r}")
+            if schedule.uses_clock:
+                raise ValueError(
+                    "local_period does not work with a TimeBudget schedule: each rank's own clock "
+                    "would decide whether a round is global, so the ranks of a host could "
+                    "disagree on whether a round is local or global, and those never pair up "
+                    "(a hang). Use a step-based schedule (an int, Constant, Increasing, "
+                    "Adaptive)")
+            local_period = int(local_period)
         return cls(schedule, int(warmup_steps), state_policy, algorithm, float(slowmo_lr),
-                   float(slowmo_momentum), outer, nonfinite, bool(adaalter))
+                   float(slowmo_momentum), outer, nonfinite, bool(adaalter), local_period)
 
     @property
     def has_outer(self) -> bool:
@@ -107,6 +123,7 @@ class SyncConfig:
               ("config", "inner optimizer", inner_name),
               ("config", "outer optimizer", outer_description),
               ("config", "nonfinite", self.nonfinite),
+              ("config", "local_period", self.local_period),
               ("config", f"number of synced {tensor_kind}s", len(tensors))]
         fp += [(tensor_kind, name, (tuple(shape), dtype)) for name, shape, dtype in tensors]
         return fp

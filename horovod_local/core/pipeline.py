@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from horovod_local.core import protocol
-from horovod_local.core.algorithms import Component, ModelAverage, components_for
+from horovod_local.core.algorithms import (AverageState, Component, KeepState, ModelAverage,
+                                           components_for)
 from horovod_local.core.config import SyncConfig
 from horovod_local.core.ops import Bucket, Counters, ParamSlot, SyncOps
 
-__all__ = ["RoundPipeline", "ScheduleHook", "RoundResult"]
+__all__ = ["RoundPipeline", "ScheduleHook", "RoundResult", "LocalRoundResult",
+           "local_components"]
 
 _SKIP_SYNC = ": the model goes back to the last good average."
 
@@ -49,6 +51,29 @@ class RoundResult:
     applied: Any
 
 
+@dataclass
+class LocalRoundResult:
+    """A two-level local round's summed control elements over the group: how many of its
+    ranks have joined (``joined``), how many want a global round next (``wants_global``)."""
+
+    joined: Any
+    wants_global: Any
+    applied: Any
+
+
+class _NoSchedule:
+    needs_deviation = False
+
+    def on_sync(self, **_: Any) -> None:
+        pass
+
+
+def local_components(config: SyncConfig) -> list[Component]:
+    """A two-level local round: the parameters, and the inner state if it is averaged
+    (SEMANTICS.md: no SlowMo / outer / AdaAlter / reset at this level)."""
+    return [ModelAverage(), AverageState() if config.state_policy == "average" else KeepState()]
+
+
 class RoundPipeline:
     """Runs rounds for one wrapper. ``components`` default to :func:`components_for`.
 
@@ -65,6 +90,15 @@ class RoundPipeline:
                  reset_adaalter: Optional[Callable[[], Any]] = None) -> None:
         self.config, self.ops, self.counters = config, ops, counters
         self.components: list[Component] = components_for(config, outer_step, reset_adaalter)
+
+    @classmethod
+    def for_groups(cls, config: SyncConfig, ops: SyncOps, counters: Counters) -> "RoundPipeline":
+        """The pipeline of two-level local rounds (``ops`` over the group's process set;
+        ``counters`` mapping ``syncs``, ``bytes_sent``, ``local_steps`` to the local ones)."""
+        pipe = cls.__new__(cls)
+        pipe.config, pipe.ops, pipe.counters = config, ops, counters
+        pipe.components = local_components(config)
+        return pipe
 
     # ---- 1. plan ---------------------------------------------------------------------------
     def plan(self, slots: Sequence[ParamSlot], components: Optional[Sequence[Component]] = None
@@ -218,6 +252,31 @@ class RoundPipeline:
         self.counters.set("local_steps", 0)
         self.counters.add("bytes_sent", nbytes)
         return RoundResult(joined=ctrl, applied=applied)
+
+    def local_round(self, slots: Sequence[ParamSlot], *, joined: Any, wants_global: Any,
+                    step: Any) -> LocalRoundResult:
+        """A two-level local round over the group (:meth:`for_groups`). Control elements:
+        (joined, round number, wants a global round next); the sums decide, identically on the
+        group's ranks, whether a global round follows (SEMANTICS.md, "Two-level averaging")."""
+        ops, t0 = self.ops, self.ops.now()
+        buckets = self.plan(slots)
+        mine, m = self.round_number(buckets)
+        summed, (ctrl, rounds, wants), nbytes = self.exchange(
+            buckets, (joined, mine, wants_global), "local round", step)
+        checks = [self.check_round_kind(ctrl, gradient_round=False),
+                  self.check_round_number(rounds, mine, m)]
+        ok = ops.after(checks, lambda: self.verify_finite(buckets, summed, step, "sync"))
+
+        def apply() -> Any:
+            return self._apply(slots, buckets, summed, step, None, _NoSchedule(), t0)
+
+        if self.config.nonfinite == "raise":
+            applied = ops.after([ok], apply)
+        else:
+            applied = ops.cond(ok, apply, lambda: self._drop(slots))
+        self.counters.set("local_steps", 0)
+        self.counters.add("bytes_sent", nbytes)
+        return LocalRoundResult(joined=ctrl, wants_global=wants, applied=applied)
 
     def _apply(self, slots, buckets, summed, step, lr, schedule: ScheduleHook, t0) -> Any:
         """4.-5.: write the average back, run the components' after steps, update the schedule."""

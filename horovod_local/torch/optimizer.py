@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 
 from horovod_local.core.config import SyncConfig
+from horovod_local.core.groups import local_process_set
 from horovod_local.core.ops import ParamSlot
 from horovod_local.core.pipeline import RoundPipeline
 from horovod_local.peer_failure import start_heartbeat
@@ -24,20 +25,26 @@ from horovod_local.torch.ops import FLOAT_DTYPES, TorchOps, _hvd, allgather_obje
 __all__ = ["DistributedLocalOptimizer"]
 
 class _StatsCounters:
-    """The pipeline's counters over a ``SyncStats`` (plain attributes)."""
+    """The pipeline's counters over a ``SyncStats`` (plain attributes); ``names`` maps a
+    pipeline counter to another field (the local rounds' own counters)."""
 
-    def __init__(self, opt: "_DistributedLocalOptimizer") -> None:
-        self._opt = opt
+    def __init__(self, opt: "_DistributedLocalOptimizer", names: Optional[dict] = None) -> None:
+        self._opt, self._names = opt, names or {}
 
     def get(self, name: str) -> Any:
-        return getattr(self._opt._hl_stats, name)
+        return getattr(self._opt._hl_stats, self._names.get(name, name))
 
     def add(self, name: str, value: Any) -> None:
-        st = self._opt._hl_stats
+        st, name = self._opt._hl_stats, self._names.get(name, name)
         setattr(st, name, getattr(st, name) + value)
 
     def set(self, name: str, value: Any) -> None:
-        setattr(self._opt._hl_stats, name, value)
+        setattr(self._opt._hl_stats, self._names.get(name, name), value)
+
+
+# a local round counts in its own fields; its round numbers come from local_syncs
+_LOCAL_COUNTERS = {"syncs": "local_syncs", "bytes_sent": "local_bytes_sent",
+                   "local_steps": "local_round_steps"}
 
 
 class _ScheduleHook:
@@ -61,7 +68,7 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
 
     # ---- construction ---------------------------------------------------------------------
     def _hl_setup(self, named_parameters, config: SyncConfig, outer_optimizer,
-                  process_set) -> None:
+                  process_set, local_process_set: Any = None) -> None:
         hvd = _hvd()
         if not hvd.is_initialized():
             raise RuntimeError("horovod_local: call hvd.init() before DistributedLocalOptimizer")
@@ -84,6 +91,7 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         self._hl_grads_averaged: Optional[bool] = None  # synchronize() in warm-up: its result
         self._hl_should_synchronize = True  # False inside skip_synchronize()
         self._hl_state_settled = False  # every rank has state for every parameter
+        self._hl_local_given = local_process_set
         self._hl_use_process_set(ps)
         # Elastic: a worker added later builds this while the others are in a reset, so a
         # collective here would pair with nothing; LocalTorchState.sync() checks instead.
@@ -97,6 +105,14 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             self._hl_config, self._hl_ops, _StatsCounters(self),
             outer_step=lambda anchors, grads: self._hl_outer.step(),
             reset_adaalter=self.reset_local_steps if self._hl_config.adaalter else None)
+        self._hl_local_pipeline: Optional[RoundPipeline] = None
+        if self._hl_config.local_period is not None:
+            local_ps, self._hl_groups = local_process_set(
+                _hvd(), ps, self._hl_local_given,
+                lambda obj: allgather_object(obj, "horovod_local.groups", ps))
+            self._hl_local_size = local_ps.size()
+            self._hl_local_pipeline = RoundPipeline.for_groups(
+                self._hl_config, TorchOps(local_ps), _StatsCounters(self, _LOCAL_COUNTERS))
 
     def _hl_fingerprint(self) -> list:
         """What every rank must agree on: the sync configuration and the synced tensors."""
@@ -186,6 +202,9 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         elapsed = time.perf_counter() - self._hl_round_start
         return self._hl_schedule.should_sync(self._hl_stats.local_steps, elapsed)
 
+    def _should_local_sync(self) -> bool:
+        return self._hl_stats.local_round_steps >= self._hl_config.local_period
+
     def _should_make_anchors(self) -> bool:
         return self._hl_config.needs_anchors and self._hl_anchors is None
 
@@ -222,7 +241,13 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         st.steps += 1
         st.local_steps += 1
         st.bytes_per_step_allreduce += self._hl_grad_bytes()
-        if self._should_sync():
+        due = self._should_sync()
+        if self._hl_local_pipeline is not None:
+            st.local_round_steps += 1
+            if due or self._should_local_sync():
+                local = self._hl_local_round(joined=False, wants_global=due)
+                due = local.wants_global > 0.5  # the group's decision (the same on its ranks)
+        if due:
             self._hl_sync_round(joined=False)
         return loss
 
@@ -325,7 +350,17 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             self._hl_slots(), joined=1.0 if joined else 0.0, step=self._hl_stats.steps,
             lr=self.param_groups[0]["lr"], schedule=_ScheduleHook(self), explicit=explicit)
         self._hl_round_start = time.perf_counter()
+        self._hl_stats.local_round_steps = 0
         return int(round(result.joined))
+
+    @torch.no_grad()
+    def _hl_local_round(self, joined: bool, wants_global: bool):
+        """Two-level averaging: one local round over this rank's group."""
+        self._hl_maybe_start_round()
+        self._hl_maybe_agree_on_state()
+        return self._hl_local_pipeline.local_round(
+            self._hl_slots(), joined=1.0 if joined else 0.0,
+            wants_global=1.0 if wants_global else 0.0, step=self._hl_stats.steps)
 
     # ---- public API ---------------------------------------------------------------------------
     def synchronize(self) -> None:
@@ -370,8 +405,21 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         ranks have joined, then every rank holds the same averaged model. Collective over the
         epoch: every rank calls it once when its data ends, whatever its step count (time-budget
         rounds, uneven shards). After it, training can go on (the next epoch)."""
-        while self._hl_sync_round(joined=True) < self._hl_size:
-            pass
+        if self._hl_local_pipeline is None:
+            while self._hl_sync_round(joined=True) < self._hl_size:
+                pass
+            return
+        # two levels: follow the group's local rounds (and the global rounds they call for)
+        # until the whole group has joined, then global rounds only (SEMANTICS.md)
+        group_joined = False
+        while True:
+            if not group_joined:
+                local = self._hl_local_round(joined=True, wants_global=False)
+                group_joined = int(round(local.joined)) >= self._hl_local_size
+                if local.wants_global < 0.5 and not group_joined:
+                    continue
+            if self._hl_sync_round(joined=True) >= self._hl_size:
+                return
 
     def sync_stats(self) -> SyncStats:
         """A copy of this rank's sync statistics (syncs, period, bytes, time in sync)."""
@@ -411,12 +459,17 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         if ps.size() is None or not ps.included():
             raise ValueError(f"horovod_local: after the reset this rank ({hvd.rank()}) is not in an "
                              f"initialised process set {ps}; pass one registered after the reset")
+        if self._hl_local_given is not None:
+            raise ValueError("horovod_local: an elastic reset with local_process_set: Horovod's "
+                             "reset re-initialises without process sets. Leave "
+                             "local_process_set unset (one group per host, rebuilt at each "
+                             "reset from dynamic process sets)")
         # every average divides by the cached size, and the buffers belong to the old set
         self._hl_use_process_set(ps)
         self._hl_check_replicas()
         self.broadcast_state(root_rank)
         # Fresh round: replicas are identical now, so the round position and x0 restart here.
-        self._hl_stats.local_steps = 0
+        self._hl_stats.local_steps = self._hl_stats.local_round_steps = 0
         self._hl_round_start = None
         if self._hl_anchors is not None:  # in place: the outer optimizer's state refers to them
             for a, p in zip(self._hl_anchors, self._hl_params()):
@@ -549,6 +602,8 @@ def DistributedLocalOptimizer(
     outer_optimizer: Optional[Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = None,
     process_set: Any = None,
     nonfinite: str = "raise",
+    local_period: Optional[int] = None,
+    local_process_set: Any = None,
     compression: Any = None,
     op: Any = None,
     backward_passes_per_step: int = 1,
@@ -585,6 +640,14 @@ def DistributedLocalOptimizer(
             ``FloatingPointError`` on every rank naming the step and tensor, nothing written
             back) or ``'skip'`` (warn, and every rank returns to the last good average; costs a
             copy of the parameters).
+        local_period: two-level averaging (e.g. ``period=8, local_period=1``): the ranks of a
+            host also average every ``local_period`` local steps, over the fast intra-host
+            link; all ranks average on ``period``'s schedule (SlowMo / outer / AdaAlter state
+            only there). Needs a step-based schedule (not ``TimeBudget``). Default None: flat.
+        local_process_set: the group of this rank for ``local_period`` (a Horovod process set
+            registered at ``hvd.init(process_sets=[...])``; the sets must partition the ranks).
+            Default: one group per host, added as process sets here, which needs
+            ``hvd.init(process_sets="dynamic")``.
 
     Horovod's ``DistributedOptimizer`` arguments, so that a swap needs no other change:
 
@@ -637,7 +700,11 @@ def DistributedLocalOptimizer(
     config = SyncConfig.from_arguments(period, warmup_steps, state_policy, algorithm, slowmo_lr,
                                        slowmo_momentum, outer=outer_optimizer,
                                        nonfinite=nonfinite,
-                                       adaalter=isinstance(optimizer, LocalAdaAlter))
+                                       adaalter=isinstance(optimizer, LocalAdaAlter),
+                                       local_period=local_period)
+    if local_process_set is not None and local_period is None:
+        raise ValueError("local_process_set is only used with local_period (two-level "
+                         "averaging); pass local_period too, or drop it")
 
     members = {k: v for k, v in _DistributedLocalOptimizer.__dict__.items()
                if k not in ("__dict__", "__weakref__")}
@@ -649,7 +716,7 @@ def DistributedLocalOptimizer(
     wrapped = cls.__new__(cls)
     wrapped.__dict__.update(optimizer.__dict__)  # same param_groups, state and hooks
     wrapped._hl_sparse_as_dense = bool(sparse_as_dense)
-    wrapped._hl_setup(named_parameters, config, outer_optimizer, process_set)
+    wrapped._hl_setup(named_parameters, config, outer_optimizer, process_set, local_process_set)
     return wrapped
 
 

@@ -49,6 +49,9 @@ def wrapper_kwargs(cfg: dict) -> dict:
     kw = dict(period=fixtures.schedule_from_spec(cfg["schedule"]),
               warmup_steps=cfg.get("warmup_steps", 0), state_policy=cfg.get("state_policy", "keep"),
               nonfinite=cfg.get("nonfinite", "raise"))
+    if cfg.get("local_period") is not None:
+        kw["local_period"] = cfg["local_period"]
+        kw["local_process_set"] = _GROUP_SETS.get(cfg.get("groups") and _my_group(cfg["groups"]))
     alg = cfg.get("algorithm") or {"name": "local_sgd"}
     if alg["name"] == "slowmo":
         kw.update(algorithm="slowmo", slowmo_lr=alg["alpha"], slowmo_momentum=alg["beta"])
@@ -56,6 +59,15 @@ def wrapper_kwargs(cfg: dict) -> dict:
         kw["outer_optimizer"] = lambda p: torch.optim.SGD(
             p, lr=alg["lr"], momentum=alg["momentum"], nesterov=alg["nesterov"])
     return kw
+
+
+_GROUP_SETS: dict = {}  # two-level groups (tuple of ranks) -> Horovod process set
+
+
+def _my_group(groups) -> tuple:
+    import horovod.torch as hvd
+
+    return next(tuple(g) for g in groups if hvd.rank() in g)
 
 
 def run_config(cfg: dict) -> dict:
@@ -114,7 +126,12 @@ def main():
     import horovod.torch as hvd
 
     out_dir, configs = load_payload()
-    hvd.init()
+    groups = sorted({tuple(g) for cfg in configs for g in (cfg.get("groups") or [])})
+    if groups:  # explicit two-level groups: registered at init, as a user would
+        _GROUP_SETS.update({g: hvd.ProcessSet(list(g)) for g in groups})
+        hvd.init(process_sets=list(_GROUP_SETS.values()))
+    else:
+        hvd.init(process_sets="dynamic" if os.environ.get("HL_DYNAMIC") else None)
     torch.set_default_dtype(torch.float64)
     results = {cfg["id"]: run_config(cfg) for cfg in configs}
     save_result(out_dir, hvd.rank(), results)
