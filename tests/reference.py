@@ -81,6 +81,12 @@ Choices this module makes where the specification leaves room (see also ``simula
   accumulators eagerly), so they are never created as zeros: a rank without a gradient
   contributes its unchanged ``A2`` to ``B2 = mean_i A2_i``. SEMANTICS.md does not say whether
   AdaAlter's state is lazy: decided here.
+* Two-level averaging (``groups``, ``local_period``), overlapped rounds (``overlap``) and
+  compressed syncs (``compression``; quantizers ``quantize_fp16``, ``sum_fp16``,
+  ``quantize_int8``, ``dequantize_int8``, ``dequantize_int8_mean``): see ``simulate``'s
+  docstring for the choices made where SEMANTICS.md leaves room. With all three off (the
+  defaults) every result is bit-identical to the previous version. Precision: ``T`` = ``acc``
+  = float64 (the fixtures' model), so only the compressed payloads are narrower.
 """
 from __future__ import annotations
 
@@ -96,7 +102,8 @@ except ImportError:  # imported as top-level ``reference`` with tests/ on sys.pa
 
 Params = dict[str, np.ndarray]
 
-__all__ = ["simulate"]
+__all__ = ["simulate", "quantize_fp16", "sum_fp16", "quantize_int8", "dequantize_int8",
+           "dequantize_int8_mean"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,6 +311,18 @@ class _Schedule:
 
     def after_sync(self, t: int, S: float, lr: float) -> None:
         """Round bookkeeping at a sync at step t (ADPSGD update uses S and the group lr)."""
+        self.update(t, S, lr)
+        self.advance()
+
+    def advance(self) -> None:
+        """One more round started (``Increasing``'s and the recorded rounds' counter s).
+        With ``overlap=True`` this happens at the round's boundary, so the boundaries are
+        those of the flat case."""
+        self.s += 1
+
+    def update(self, t: int, S: float, lr: float) -> None:
+        """ADPSGD's update at a round's completion (the flat sync, or, with ``overlap=True``,
+        the completing boundary, ``t`` its step count); a no-op for the other schedules."""
         if self.kind == "adaptive":
             if t <= self.Ks:
                 self.C2 = (self.C2 * self.samples + S / lr) / (self.samples + 1)
@@ -314,7 +333,87 @@ class _Schedule:
                     self.p = min(self.p, int(self.max_period))
             elif S > self.upper * lr * self.C2:
                 self.p = max(self.min_period, self.p - 1)
-        self.s += 1
+
+
+# --------------------------------------------------------------------------------------------
+# Compressed syncs: the quantizers (public: other tests reuse them)
+# --------------------------------------------------------------------------------------------
+INT8_BLOCK = 256
+#: Bytes a rank sends per int8 block scale. SEMANTICS.md says "4 bytes per 256 elements"; the
+#: reference computes the scale in the acc dtype (float64 for the fixtures' float64 model) and
+#: counts it as 4 bytes all the same (the text's literal figure; see ``simulate``).
+INT8_SCALE_BYTES = 4
+
+
+def quantize_fp16(d: np.ndarray) -> np.ndarray:
+    """``Q`` of ``compression='fp16'``: round to float16, to nearest even. NumPy converts
+    float64 (and float32) to float16 in one correctly rounded step (no double rounding through
+    float32); beyond float16's range the result is +-Inf (the round then fails the finiteness
+    check). ``D`` is exact: ``q.astype(acc)``."""
+    with np.errstate(over="ignore"):
+        return np.asarray(d).astype(np.float16)
+
+
+def sum_fp16(qs: list[np.ndarray]) -> np.ndarray:
+    """Horovod's float16 allreduce sum of the ranks' float16 payloads, modelled as a sum in rank
+    order, ``((q_0 + q_1) + q_2) + ...``, rounded to float16 after each addition (each addition
+    is done in float64, where the sum of two float16 values is exact, then rounded once).
+    Horovod's real reduction order (ring segments, tree) may differ, so a test comparing an
+    implementation against this must allow float16 rounding (a few float16 ulps), not demand
+    equal bits."""
+    acc = np.asarray(qs[0], dtype=np.float16).copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for q in qs[1:]:
+            acc = (acc.astype(np.float64)
+                   + np.asarray(q, dtype=np.float16).astype(np.float64)).astype(np.float16)
+    return acc
+
+
+def quantize_int8(d: np.ndarray, block: int = INT8_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """``Q`` of ``compression='int8'`` for ONE tensor ``d`` (acc dtype = d's float dtype,
+    float64 here): cut row-major into blocks of ``block`` consecutive elements (the last may be
+    shorter; call it per tensor, so blocks never span tensors). Per block: ``amax = max |d|``;
+    ``amax == 0``: ``scale = 0, q = 0``; else ``r = acc(127) / amax``,
+    ``q = clamp(rint(d * r), -127, 127)`` (``np.rint`` rounds half to even) and
+    ``scale = amax / acc(127)``. Returns ``(q, scales)``: q int8 with d's shape, scales one per
+    block (acc dtype). A non-finite ``d`` raises ``FloatingPointError`` (the round would fail
+    its finiteness check)."""
+    d = np.asarray(d)
+    acc = d.dtype.type if np.issubdtype(d.dtype, np.floating) else np.float64
+    flat = d.astype(acc).ravel()  # row-major
+    if not np.all(np.isfinite(flat)):
+        raise FloatingPointError("int8 compression: non-finite change to send")
+    nb = -(-flat.size // block)
+    q = np.zeros(flat.size, dtype=np.int8)
+    scales = np.zeros(nb, dtype=acc)
+    for b in range(nb):
+        seg = flat[b * block:(b + 1) * block]
+        amax = np.max(np.abs(seg))
+        if amax == 0:
+            continue  # scale 0, q 0
+        r = acc(127) / amax
+        q[b * block:(b + 1) * block] = np.clip(np.rint(seg * r), -127, 127).astype(np.int8)
+        scales[b] = amax / acc(127)
+    return q.reshape(d.shape), scales
+
+
+def dequantize_int8(q: np.ndarray, scales: np.ndarray, block: int = INT8_BLOCK) -> np.ndarray:
+    """``D(q) = acc(q) * scale`` of its block (acc = the scales' dtype)."""
+    q = np.asarray(q)
+    scales = np.asarray(scales)
+    flat = q.ravel().astype(scales.dtype)
+    return (flat * np.repeat(scales, block)[:flat.size]).reshape(q.shape)
+
+
+def dequantize_int8_mean(qs: list[np.ndarray], scales_list: list[np.ndarray], n: int,
+                         block: int = INT8_BLOCK) -> np.ndarray:
+    """``delta = (((D_0 + D_1) + D_2) + ... + D_{n-1}) * acc(1/n)`` over the gathered payloads,
+    in rank order (what every rank computes after the allgather)."""
+    acc = dequantize_int8(qs[0], scales_list[0], block)
+    for q, sc in zip(qs[1:], scales_list[1:]):
+        acc = acc + dequantize_int8(q, sc, block)
+    dt = acc.dtype.type
+    return acc * dt(dt(1.0) / dt(n))
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,13 +432,25 @@ class _Rank:
         self.opt.init_shapes(self.params)
         self.sched = _Schedule(schedule, rank_rounds)
         self.t = 0
-        self.local_steps = 0
+        self.local_steps = 0  # local steps since the last (global) round
+        self.since_any = 0    # two-level: local steps since the last round of either level
         self.joined = False
         self.losses: list[float] = []
         # algorithm state
         self.x0: Params | None = None
         self.u: Params | None = None
         self.outer_buf: Params | None = None
+        # compression: common point c (model averaging; SlowMo / outer use x0) and residual
+        self.c: Params | None = None
+        self.e: Params | None = None
+        self.sends: list[dict] = []   # compression: per round what was sent
+        # overlap: the round in flight (None if none)
+        self.inflight: dict | None = None
+        # counters
+        self.syncs = 0          # completed flat / global rounds
+        self.local_syncs = 0    # two-level local rounds
+        self.local_sync_steps: list[int] = []
+        self.payload_bytes = 0  # payload of flat / global rounds sent by this rank
 
     def sync_lr(self, explicit: bool, key: str | None = None) -> float:
         """Group lr read at a sync: lr of step t (scheduled) or of step t + 1 (explicit), of
@@ -355,8 +466,17 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
              final_sync: bool = False, rounds: list[list[int]] | None = None,
              join: bool | None = None, skip_steps: dict[int, list[int]] | None = None,
              no_grad: dict[int, list[str]] | None = None,
-             no_grad_in_warmup: bool = True) -> dict:
+             no_grad_in_warmup: bool = True,
+             groups: list[list[int]] | None = None, local_period: int | None = None,
+             overlap: bool = False, compression: str | None = None,
+             nonfinite: str = "raise") -> dict:
     """Simulate n ranks of horovod-local on the fixtures' model and data.
+
+    Precision: the fixtures' model is float64, so SEMANTICS.md's parameter dtype ``T`` and
+    accumulation dtype ``acc`` are both float64 here: every ``T(.)`` / ``acc(.)`` of the text is
+    the identity, and all arithmetic (overlap corrections, compression's ``d``, ``e_i``, ``c``,
+    int8 scales) is float64, in the order the text writes it. Only the compressed payloads are
+    narrower (float16 values; int8 values with float64 block scales).
 
     ``steps``: steps per rank (int, or per-rank list for uneven data). ``join`` (default: True
     iff ``steps`` is a list) makes every rank call ``join()`` after its last step; without join,
@@ -380,15 +500,62 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
     zeros before each sync (entries of the lowest rank holding it; Adam's ``step`` = 0), then
     the floating-point tensors are averaged over all ranks.
 
+    Two-level averaging (``local_period=L``, ``groups``): ``groups`` partitions the ranks
+    (default with ``local_period``: one group of all ranks, as on one host; ignored, but
+    checked, without ``local_period``). After each local step, with the global decision
+    ``g = local_steps >= period`` and ``l = since_any == L``: if ``g or l`` the rank's group
+    averages parameters (and the inner state with ``state_policy='average'``, missing state
+    created within the group) as ``sum * (1/m)`` over the group in rank order: a local round;
+    then, if the group's summed wants-global ``W > 0`` or its summed joined ``J == m``, the flat
+    round over all n ranks (a global round). Join follows SEMANTICS.md's two-level protocol
+    (a joined rank sends (1, 0) in local rounds; once its group has all joined, global rounds
+    only; stop when a global round's joined sum is n). Choices: ``final_sync`` (an explicit
+    ``average_parameters()``) is a local round in every group followed by a global round
+    ("a global round is always preceded, at the same step, by a local round"). With
+    compression, local rounds are plain (uncompressed) group means and ``c``, ``e_i`` change only
+    in global rounds (``c`` must be equal on every rank, which a group mean is not).
+    ``TimeBudget`` and its replay (``kind='rounds'``) are refused (``ValueError``), as is
+    ``overlap``.
+
+    Overlapped rounds (``overlap=True``): the boundaries are those of the flat case (the
+    ``Increasing`` / recorded-rounds counter advances when a round starts). At rank i's boundary
+    k: complete round k-1 if one is in flight (``a = Sigma * (1/n)``, ``x_i = a + (x_i - s_i)``;
+    ``state_policy='average'``: the state tensors likewise with their own ``s``; ``reset``: zero
+    them; SlowMo / outer SGD: the outer step on ``x_avg = a`` then ``x_i = x0 + (x_i - s_i)``;
+    ADPSGD: ``S = mean_i sum((a - s_i)**2)`` and the period update at this completion, ``t`` and
+    the lr those of the completing step), then send ``s_i = x_i`` and go on. ``join()`` and
+    ``final_sync`` complete the round in flight (lr read as for an explicit sync) and then run
+    blocking flat rounds. A round in which some ranks are blocking (joined) and others
+    overlapped is one sum: the blocking ones apply it at once, the others at their next
+    boundary. Local AdaAlter and ``local_period`` are refused (``ValueError``).
+
+    Compressed syncs (``compression='fp16' | 'int8'``): each rank sends
+    ``d = (x_i - c) + e_i``, ``e_i = d - D(Q(d))``; fp16: float16 sum in rank order
+    (``sum_fp16``), ``delta = float64(Sigma) * (1/n)``; int8: per tensor blocks of 256
+    (``quantize_int8``), ``delta`` = the rank-ordered dequantized sum times 1/n
+    (``dequantize_int8_mean``). Apply: ``x_avg = c + delta``, the algorithm on it (SlowMo / outer
+    from ``x0 = c``), ``c = x_avg`` / the new ``x0``. ADPSGD's ``S`` uses this ``x_avg`` and the
+    ranks' own parameters (``s_i`` with overlap). A float16 sum that is not finite raises
+    ``FloatingPointError``. Refused (``ValueError``): ``state_policy='average'``, Local
+    AdaAlter, ``'bf16'`` and any other name. ``nonfinite='skip'`` is refused with
+    ``ValueError`` together with ``overlap`` or ``compression``; the reference does not model
+    skipped rounds otherwise (``NotImplementedError``).
+
     Returns a dict with keys:
       params: per-rank dict name -> array (final);
-      syncs: number of rounds (allreduces of the parameter buffer);
-      sync_steps: per round, the largest step counter among the ranks (equal on all ranks when
-        steps are even and rounds not recorded); sync_steps_per_rank: [rank][round];
+      syncs: number of flat / global rounds completed on every rank (without overlap: the
+        number of rounds; with overlap a round still in flight on some rank is not counted);
+        syncs_per_rank: the completed rounds per rank;
+      sync_steps: per round, the largest step counter among the ranks when the round started
+        (equal on all ranks when steps are even and rounds not recorded); sync_steps_per_rank:
+        [rank][round]; complete_steps: per round, the reporting rank's step counter when it
+        applied the round (None while in flight; = sync_steps without overlap);
       periods: per round, period in force (before the ADPSGD update) on the reporting rank
         (the lowest rank with the largest step counter); periods_per_rank: [rank][round];
-      S: per round, ADPSGD deviation mean_i ||x_avg - x_i||^2 (computed for every schedule);
-      lrs: per round, the group lr read at the sync by the reporting rank;
+      S: per round started, ADPSGD deviation mean_i ||x_avg - x_i||^2 (computed for every
+        schedule; with overlap from what was sent, known when the round starts);
+      lrs: per round, the group lr read by the reporting rank when it applied the round (None
+        while in flight);
       joined: per round, the number of ranks that had joined (summed control element);
       C2, period: final ADPSGD C2 (0.0 for other schedules) and period in force after the
         run, on the final reporting rank; C2_per_rank, period_per_rank likewise per rank;
@@ -400,7 +567,26 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
       skipped_steps: per rank, the step numbers at which its inner step did not run (AMP);
       A2, B2: per-rank AdaAlter accumulators (None unless inner is adaalter);
       x0: per-rank anchors (SlowMo / outer optimizer, else None); u: per-rank SlowMo slow
-        momentum (else None); outer_buf: per-rank outer SGD momentum buffer (else None).
+        momentum (else None); outer_buf: per-rank outer SGD momentum buffer (else None);
+      groups: the groups used (sorted), None without local_period;
+      local_syncs: per rank, the number of local rounds (all 0 without local_period);
+        local_sync_steps: per rank, its step counter at each local round;
+      in_flight: (overlap only, else None) per rank {"pending": a round is in flight at the end,
+        "round": its index in the per-round lists, "s": s_i (name -> array, what the rank sent),
+        "s_state": {(name, entry): array} (state_policy='average'), "sum": the round's summed
+        buffer (name -> array: float64 without compression, float16 with 'fp16', None with
+        'int8'), "sum_state": {(name, entry): summed array}, "gathered" ('int8': per rank
+        name -> (q, scales)), "avg": ``a`` (uncompressed) or ``delta`` (compressed), "S"}; all
+        None but "pending" when nothing is in flight. This is what ``state_dict()`` stores
+        mid-flight (``s_i`` and the sum) and what a resume must reproduce;
+      residual, anchor_c: (compression only, else None) per rank the residual ``e_i`` and the
+        common point ``c`` (the anchor ``x0`` with SlowMo / outer SGD), name -> array;
+      sends: (compression only) per rank, per round it sent in: {"progress": x_i - c, "d": d,
+        "decoded": D(Q(d))} (name -> array);
+      payload_bytes: per rank, the bytes of flat / global round payloads it sent (parameters,
+        plus averaged state with state_policy='average'; float64: 8 bytes an element, fp16: 2,
+        int8: 1 plus ``INT8_SCALE_BYTES`` per block); control and guard elements and two-level
+        local rounds are not counted.
     """
     # ---- argument checks -------------------------------------------------------------
     if n < 1:
@@ -421,6 +607,39 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
     algo = dict(algorithm) if algorithm else {"name": "local_sgd"}
     if algo["name"] not in ("local_sgd", "slowmo", "outer_sgd"):
         raise ValueError(f"unknown algorithm {algo['name']!r}")
+    # new options: overlap, compression, two-level
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"unknown nonfinite {nonfinite!r}")
+    if compression is not None and compression not in ("fp16", "int8"):
+        raise ValueError(f"compression={compression!r} is not supported ('fp16' or 'int8'; "
+                         "bf16 would travel as float32 and save nothing)")
+    if overlap and inner["name"] == "adaalter":
+        raise ValueError("overlap=True is refused with Local AdaAlter")
+    if overlap and local_period is not None:
+        raise ValueError("overlap=True is refused with local_period")
+    if compression is not None and state_policy == "average":
+        raise ValueError("compression is refused with state_policy='average'")
+    if compression is not None and inner["name"] == "adaalter":
+        raise ValueError("compression is refused with Local AdaAlter")
+    if nonfinite == "skip":
+        if overlap or compression is not None:
+            raise ValueError("nonfinite='skip' is refused with overlap / compression")
+        raise NotImplementedError("the reference does not model skipped rounds")
+    if groups is not None:
+        flat_members = sorted(int(i) for G in groups for i in G)
+        if flat_members != list(range(n)) or any(len(G) == 0 for G in groups):
+            raise ValueError("groups must partition the ranks 0..n-1 into non-empty groups")
+    if local_period is not None:
+        if int(local_period) != local_period or local_period < 1:
+            raise ValueError("local_period must be a positive int")
+        local_period = int(local_period)
+        if schedule["kind"] in ("time_budget", "rounds"):
+            raise ValueError("TimeBudget (and its recorded rounds) is refused with local_period")
+        if groups is None:
+            groups = [list(range(n))]
+        groups_used: list[list[int]] | None = [sorted(int(i) for i in G) for G in groups]
+    else:
+        groups_used = None
     if schedule["kind"] == "rounds":
         if rounds is None or len(rounds) != n:
             raise ValueError("rounds must give one list of round lengths per rank")
@@ -481,53 +700,211 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
             r.x0 = _copy(r.params)
             if algo["name"] == "slowmo":
                 r.u = {k: np.zeros_like(v) for k, v in r.params.items()}
+    # compression: common point c = the parameters at the first local step, residual zeros
+    if compression is not None:
+        for r in ranks:
+            if algo["name"] == "local_sgd":
+                r.c = _copy(r.params)
+            r.e = {k: np.zeros_like(v) for k, v in r.params.items()}
 
-    log: dict[str, list] = {k: [] for k in ("sync_steps", "periods", "S", "lrs", "joined")}
+    log: dict[str, list] = {k: [] for k in ("sync_steps", "periods", "S", "lrs", "joined",
+                                            "complete_steps", "lead")}
     per_rank_steps: list[list[int]] = [[] for _ in range(n)]
     per_rank_periods: list[list[float]] = [[] for _ in range(n)]
+    float_entries = ranks[0].opt.float_entries()
 
-    def do_sync(explicit: dict[int, bool]) -> None:
-        """One round: every rank enters once; ``explicit[i]`` = rank i entered outside step()."""
+    def anchor(r: _Rank) -> Params:
+        """The common point c of compression (the anchor x0 with SlowMo / outer SGD)."""
+        out = r.x0 if algo["name"] in ("slowmo", "outer_sgd") else r.c
+        assert out is not None
+        return out
+
+    def average_state(members: list[_Rank], blocking: dict[int, bool] | None
+                      ) -> tuple[dict, dict, dict]:
+        """state_policy='average' over ``members``: missing state created as zeros (entries of
+        the lowest member holding it), then each float tensor summed in rank order and
+        multiplied by 1/m. Blocking members get the average written; the others' sent tensors
+        are returned (overlap). Returns (avg, sums, sent) keyed by (name, entry)."""
+        m = len(members)
+        avg_state: dict = {}
+        sum_state: dict = {}
+        sent: dict[int, dict] = {r.rank: {} for r in members}
+        for k in members[0].names:
+            holders = [r for r in members if k in r.opt.state]
+            if not holders:
+                continue
+            proto = holders[0].opt.state[k]  # the lowest rank holding it
+            for r in members:
+                if k not in r.opt.state:  # lazily missing here: created as zeros
+                    r.opt.state[k] = {e: (np.zeros_like(v) if isinstance(v, np.ndarray)
+                                          else type(v)(0)) for e, v in proto.items()}
+            for e in float_entries:
+                if e not in proto:
+                    continue
+                tot = sum(r.opt.state[k][e] for r in members)
+                avg = tot * (1.0 / m)
+                sum_state[(k, e)] = np.array(tot, dtype=np.float64, copy=True)
+                avg_state[(k, e)] = avg
+                for r in members:
+                    if blocking is None or blocking[r.rank]:
+                        r.opt.state[k][e] = np.array(avg, dtype=np.float64, copy=True)
+                    else:
+                        sent[r.rank][(k, e)] = np.array(r.opt.state[k][e], dtype=np.float64,
+                                                        copy=True)
+        return avg_state, sum_state, sent
+
+    def reset_state(r: _Rank) -> None:
+        for st in r.opt.state.values():
+            for e in float_entries:
+                if e in st:
+                    st[e] = np.zeros_like(st[e])
+
+    def algo_apply(r: _Rank, x_avg: Params, explicit_r: bool) -> Params:
+        """The algorithm's post-processing of a round on rank r's own copy of its state; returns
+        the point the parameters are set to (before any overlap correction)."""
+        if algo["name"] == "local_sgd":
+            if compression is not None:
+                r.c = _copy(x_avg)  # the new common point
+            return x_avg
+        if algo["name"] == "slowmo":
+            alpha, beta = float(algo["alpha"]), float(algo["beta"])
+            assert r.x0 is not None and r.u is not None
+            lr_k = {k: r.sync_lr(explicit_r, k) for k in r.u}  # per group
+            r.u = {k: beta * r.u[k] + (r.x0[k] - x_avg[k]) / lr_k[k] for k in r.u}
+            r.x0 = {k: r.x0[k] - alpha * lr_k[k] * r.u[k] for k in r.x0}
+            return r.x0
+        # outer SGD, torch.optim.SGD semantics on the anchors
+        olr = float(algo["lr"])
+        mom = float(algo.get("momentum", 0.0))
+        nesterov = bool(algo.get("nesterov", False))
+        assert r.x0 is not None
+        g = {k: r.x0[k] - x_avg[k] for k in r.x0}
+        if mom != 0.0:
+            if r.outer_buf is None:
+                r.outer_buf = _copy(g)
+            else:
+                r.outer_buf = {k: mom * r.outer_buf[k] + g[k] for k in g}
+            d = ({k: g[k] + mom * r.outer_buf[k] for k in g} if nesterov
+                 else r.outer_buf)
+        else:
+            d = g
+        r.x0 = {k: r.x0[k] - olr * d[k] for k in r.x0}
+        return r.x0
+
+    def complete(r: _Rank, explicit_r: bool) -> None:
+        """Overlap: rank r completes its round in flight (at its boundary, or in join() /
+        average_parameters() when ``explicit_r``)."""
+        rec = r.inflight
+        assert rec is not None
+        r.inflight = None
+        lr = r.sync_lr(explicit_r)
+        if state_policy == "average":
+            for (k, e), s_ke in rec["s_state"].items():
+                r.opt.state[k][e] = rec["avg_state"][(k, e)] + (r.opt.state[k][e] - s_ke)
+        elif state_policy == "reset":
+            reset_state(r)
+        if compression is not None:
+            x_avg = {k: anchor(r)[k] + rec["avg"][k] for k in r.names}
+        else:
+            x_avg = rec["avg"]
+        base = algo_apply(r, x_avg, explicit_r)
+        r.params = {k: base[k] + (r.params[k] - rec["s"][k]) for k in r.names}
+        r.sched.update(r.t, rec["S"], lr)
+        r.syncs += 1
+        idx = rec["round"]
+        if log["lead"][idx] == r.rank:
+            log["lrs"][idx] = lr
+            log["complete_steps"][idx] = r.t
+
+    def compressed_payload() -> tuple[Params, dict]:
+        """Every rank's d, Q(d), residual update (rank order); returns delta and the raw
+        summed / gathered payload."""
+        qs: list[dict] = []
+        for r in ranks:
+            c = anchor(r)
+            assert r.e is not None
+            prog = {k: r.params[k] - c[k] for k in r.names}
+            d = {k: prog[k] + r.e[k] for k in r.names}
+            if compression == "fp16":
+                q = {k: quantize_fp16(d[k]) for k in r.names}
+                dec = {k: q[k].astype(np.float64) for k in r.names}
+                r.payload_bytes += sum(2 * v.size for v in d.values())
+            else:
+                q = {k: quantize_int8(d[k]) for k in r.names}
+                dec = {k: dequantize_int8(*q[k]) for k in r.names}
+                r.payload_bytes += sum(v.size + INT8_SCALE_BYTES * q[k][1].size
+                                       for k, v in d.items())
+            r.e = {k: d[k] - dec[k] for k in r.names}
+            r.sends.append({"progress": prog, "d": d, "decoded": dec})
+            qs.append(q)
+        names = ranks[0].names
+        if compression == "fp16":
+            tot = {k: sum_fp16([q[k] for q in qs]) for k in names}
+            for k in names:
+                if not np.all(np.isfinite(tot[k])):
+                    raise FloatingPointError(
+                        f"compressed (fp16) sum of {k!r} is not finite at step "
+                        f"{max(r.t for r in ranks)}")
+            delta = {k: tot[k].astype(np.float64) * (1.0 / n) for k in names}
+            return delta, {"sum": tot, "gathered": None}
+        delta = {k: dequantize_int8_mean([q[k][0] for q in qs], [q[k][1] for q in qs], n)
+                 for k in names}
+        return delta, {"sum": None, "gathered": [dict(q) for q in qs]}
+
+    def do_round(explicit: dict[int, bool]) -> None:
+        """One flat / global round: every rank enters once; ``explicit[i]`` = rank i entered
+        outside step() (join, final sync): with overlap it then completes its round in flight
+        and takes part blocking; otherwise (at its boundary) it completes and sends
+        overlapped."""
+        # the periods that produced this boundary (before a completion's ADPSGD update)
+        pre_periods = [r.sched.period() for r in ranks]
+        # a rank holding a round in flight completes it before it sends in this one
+        for r in ranks:
+            if r.inflight is not None:
+                complete(r, explicit[r.rank])
+        blocking = {r.rank: (not overlap) or explicit[r.rank] for r in ranks}
         xs = [r.params for r in ranks]
-        x_avg = _mean(xs)
+        if compression is not None:
+            delta, raw = compressed_payload()
+            c0 = anchor(ranks[0])
+            x_avg = {k: c0[k] + delta[k] for k in delta}
+            sums = raw["sum"]
+        else:
+            sums = {k: sum(p[k] for p in xs) for k in xs[0]}
+            x_avg = {k: sums[k] * (1.0 / n) for k in sums}
+            delta, raw = None, {"sum": sums, "gathered": None}
         S = sum(float(np.sum((x_avg[k] - x[k]) ** 2)) for x in xs for k in x) / n
         lrs = [r.sync_lr(explicit[r.rank]) for r in ranks]
         tmax = max(r.t for r in ranks)
         lead = next(r for r in ranks if r.t == tmax)
+        idx = len(log["S"])
         log["sync_steps"].append(tmax)
-        log["periods"].append(lead.sched.period())
+        log["periods"].append(pre_periods[lead.rank])
         log["S"].append(S)
-        log["lrs"].append(lrs[lead.rank])
+        log["lrs"].append(lrs[lead.rank] if blocking[lead.rank] else None)
+        log["complete_steps"].append(tmax if blocking[lead.rank] else None)
+        log["lead"].append(lead.rank)
         log["joined"].append(sum(1 for r in ranks if r.joined))
         for r in ranks:
             per_rank_steps[r.rank].append(r.t)
-            per_rank_periods[r.rank].append(r.sched.period())
+            per_rank_periods[r.rank].append(pre_periods[r.rank])
 
         # inner state policy (same buffer as the parameters)
-        float_entries = ranks[0].opt.float_entries()
+        avg_state: dict = {}
+        sum_state: dict = {}
+        sent_state: dict[int, dict] = {r.rank: {} for r in ranks}
         if state_policy == "average":
-            for k in ranks[0].names:
-                holders = [r for r in ranks if k in r.opt.state]
-                if not holders:
-                    continue
-                proto = holders[0].opt.state[k]  # the lowest rank holding it
-                for r in ranks:
-                    if k not in r.opt.state:  # lazily missing here: created as zeros
-                        r.opt.state[k] = {e: (np.zeros_like(v) if isinstance(v, np.ndarray)
-                                              else type(v)(0)) for e, v in proto.items()}
-                for e in float_entries:
-                    if e not in proto:
-                        continue
-                    avg = sum(r.opt.state[k][e] for r in ranks) * (1.0 / n)
-                    for r in ranks:
-                        r.opt.state[k][e] = np.array(avg, dtype=np.float64, copy=True)
-        elif state_policy == "reset":  # every rank zeroes the state it holds
+            avg_state, sum_state, sent_state = average_state(ranks, blocking)
+        elif state_policy == "reset":  # every (blocking) rank zeroes the state it holds
             for r in ranks:
-                for st in r.opt.state.values():
-                    for e in float_entries:
-                        if e in st:
-                            st[e] = np.zeros_like(st[e])
-        # AdaAlter: B2 = mean A2; A2 = B2; t' = 0
+                if blocking[r.rank]:
+                    reset_state(r)
+        if compression is None:
+            # the averaged state elements that travelled (after the lazy creation)
+            state_elems = sum(v.size for v in sum_state.values())
+            for r in ranks:
+                r.payload_bytes += 8 * (sum(v.size for v in xs[0].values()) + state_elems)
+        # AdaAlter: B2 = mean A2; A2 = B2; t' = 0 (never overlapped)
         if inner["name"] == "adaalter":
             b2 = _mean([r.opt.A2 for r in ranks])
             for r in ranks:
@@ -535,85 +912,157 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
                 r.opt.A2 = _copy(b2)
                 r.opt.local_steps = 0
         # algorithm post-processing, each rank on its own copy of the algorithm state
+        for r in ranks:
+            if blocking[r.rank]:
+                xa = (x_avg if compression is None
+                      else {k: anchor(r)[k] + delta[k] for k in r.names})
+                r.params = _copy(algo_apply(r, xa, explicit[r.rank]))
+            else:
+                r.inflight = {"round": idx, "s": _copy(r.params), "s_state": sent_state[r.rank],
+                              "avg": delta if compression is not None else x_avg,
+                              "avg_state": avg_state, "sum": raw["sum"],
+                              "sum_state": sum_state, "gathered": raw["gathered"], "S": S}
         for r, lr in zip(ranks, lrs):
-            if algo["name"] == "local_sgd":
-                r.params = _copy(x_avg)
-            elif algo["name"] == "slowmo":
-                alpha, beta = float(algo["alpha"]), float(algo["beta"])
-                assert r.x0 is not None and r.u is not None
-                lr_k = {k: r.sync_lr(explicit[r.rank], k) for k in r.u}  # per group
-                r.u = {k: beta * r.u[k] + (r.x0[k] - x_avg[k]) / lr_k[k] for k in r.u}
-                r.x0 = {k: r.x0[k] - alpha * lr_k[k] * r.u[k] for k in r.x0}
-                r.params = _copy(r.x0)
-            else:  # outer SGD, torch.optim.SGD semantics on the anchors
-                olr = float(algo["lr"])
-                mom = float(algo.get("momentum", 0.0))
-                nesterov = bool(algo.get("nesterov", False))
-                assert r.x0 is not None
-                g = {k: r.x0[k] - x_avg[k] for k in r.x0}
-                if mom != 0.0:
-                    if r.outer_buf is None:
-                        r.outer_buf = _copy(g)
-                    else:
-                        r.outer_buf = {k: mom * r.outer_buf[k] + g[k] for k in g}
-                    d = ({k: g[k] + mom * r.outer_buf[k] for k in g} if nesterov
-                         else r.outer_buf)
-                else:
-                    d = g
-                r.x0 = {k: r.x0[k] - olr * d[k] for k in r.x0}
-                r.params = _copy(r.x0)
-        for r, lr in zip(ranks, lrs):
-            r.sched.after_sync(r.t, S, lr)
+            if blocking[r.rank]:
+                r.sched.after_sync(r.t, S, lr)
+                r.syncs += 1
+            else:
+                r.sched.advance()  # the round started; ADPSGD updates at its completion
             r.local_steps = 0
+            r.since_any = 0
+
+    def local_round(members: list[_Rank]) -> None:
+        """Two-level: the group averages its parameters (and the inner state with 'average')
+        as sum * (1/m); nothing else."""
+        xa = _mean([r.params for r in members])
+        if state_policy == "average":
+            average_state(members, None)
+        for r in members:
+            r.params = _copy(xa)
+            r.since_any = 0
+            r.local_syncs += 1
+            r.local_sync_steps.append(r.t)
+
+    def take_step(r: _Rank) -> None:
+        """One local step of rank r (it has data left)."""
+        t = r.t + 1
+        loss, g = _grads(r.rank, t, r.params)
+        r.losses.append(loss)
+        if t in skip.get(r.rank, ()):
+            skipped[r.rank].append(t)  # GradScaler found Inf/NaN: no inner step
+        else:
+            r.opt.step(r.params, {k: v for k, v in g.items()
+                                  if k not in nograd.get(r.rank, ())}, t)
+        r.t += 1
+        r.local_steps += 1
+        r.since_any += 1
 
     # ---- local phase: rounds until data runs out (and, with join, until all joined) -----
-    while True:
-        explicit: dict[int, bool] = {}
-        for r in ranks:
-            if r.joined:
-                explicit[r.rank] = True
-                continue
-            while True:
-                if r.t >= r.n_steps:
-                    r.joined = True  # out of data: join() (or, without join, stop)
+    if local_period is None:
+        while True:
+            explicit: dict[int, bool] = {}
+            for r in ranks:
+                if r.joined:
                     explicit[r.rank] = True
-                    break
-                t = r.t + 1
-                loss, g = _grads(r.rank, t, r.params)
-                r.losses.append(loss)
-                if t in skip.get(r.rank, ()):
-                    skipped[r.rank].append(t)  # GradScaler found Inf/NaN: no inner step
-                else:
-                    r.opt.step(r.params, {k: v for k, v in g.items()
-                                          if k not in nograd.get(r.rank, ())}, t)
-                r.t += 1
-                r.local_steps += 1
-                if r.local_steps >= r.sched.period():
-                    explicit[r.rank] = False
-                    break
-        if not join and any(r.joined for r in ranks):
-            # without join the data must end on all ranks at once: no round is entered
-            if not all(r.joined for r in ranks):
-                raise ValueError("a rank ran out of data while others sync: use join=True")
-            break
-        do_sync(explicit)
-        if all(r.joined for r in ranks):
-            break
+                    continue
+                while True:
+                    if r.t >= r.n_steps:
+                        r.joined = True  # out of data: join() (or, without join, stop)
+                        explicit[r.rank] = True
+                        break
+                    take_step(r)
+                    if r.local_steps >= r.sched.period():
+                        explicit[r.rank] = False
+                        break
+            if not join and any(r.joined for r in ranks):
+                # without join the data must end on all ranks at once: no round is entered
+                if not all(r.joined for r in ranks):
+                    raise ValueError("a rank ran out of data while others sync: use join=True")
+                break
+            do_round(explicit)
+            if all(r.joined for r in ranks):
+                break
+    else:
+        assert groups_used is not None
+        members = [[ranks[i] for i in G] for G in groups_used]
+        all_joined_seen = [False] * len(members)
+        while True:
+            stopped = [False] * len(members)
+            for gi, mem in enumerate(members):
+                if all_joined_seen[gi]:
+                    continue  # the whole group has joined: global rounds only
+                while True:  # local rounds until the group goes on to a global round
+                    wants: dict[int, int] = {}
+                    halted = []
+                    for r in mem:
+                        if r.joined:
+                            wants[r.rank] = 0  # a joined rank sends (1, 0)
+                            continue
+                        while True:
+                            if r.t >= r.n_steps:
+                                if join:
+                                    r.joined = True
+                                    wants[r.rank] = 0
+                                else:
+                                    halted.append(r)
+                                break
+                            take_step(r)
+                            gdec = r.local_steps >= r.sched.period()
+                            if gdec or r.since_any >= local_period:
+                                wants[r.rank] = int(gdec)  # (0, g)
+                                break
+                    if halted:
+                        if len(halted) != len(mem):
+                            raise ValueError("a rank ran out of data while others sync: "
+                                             "use join=True")
+                        stopped[gi] = True
+                        break
+                    local_round(mem)
+                    J = sum(1 for r in mem if r.joined)
+                    W = sum(wants.values())
+                    if J == len(mem):
+                        all_joined_seen[gi] = True
+                    if W > 0 or J == len(mem):
+                        break
+            if any(stopped):
+                if not all(stopped):
+                    raise ValueError("a rank ran out of data while others sync: use join=True")
+                break
+            do_round({r.rank: r.joined for r in ranks})
+            if all(r.joined for r in ranks):
+                break
 
     if final_sync:
-        do_sync({r.rank: True for r in ranks})
+        if local_period is not None:
+            for mem in [[ranks[i] for i in G] for G in (groups_used or [])]:
+                local_round(mem)
+        do_round({r.rank: True for r in ranks})
 
     final_lead = next(r for r in ranks if r.t == max(q.t for q in ranks))
 
     def c2(r: _Rank) -> float:
         return float(r.sched.C2) if r.sched.kind == "adaptive" else 0.0
 
+    def flight(r: _Rank) -> dict:
+        rec = r.inflight
+        if rec is None:
+            return {"pending": False, "round": None, "s": None, "s_state": None, "sum": None,
+                    "sum_state": None, "gathered": None, "avg": None, "S": None}
+        return {"pending": True, "round": rec["round"], "s": _copy(rec["s"]),
+                "s_state": {ke: v.copy() for ke, v in rec["s_state"].items()},
+                "sum": ({k: v.copy() for k, v in rec["sum"].items()}
+                        if rec["sum"] is not None else None),
+                "sum_state": {ke: v.copy() for ke, v in rec["sum_state"].items()},
+                "gathered": rec["gathered"], "avg": _copy(rec["avg"]), "S": rec["S"]}
+
     is_ada = inner["name"] == "adaalter"
     return {
         "params": [_copy(r.params) for r in ranks],
-        "syncs": len(log["S"]),
+        "syncs": min(r.syncs for r in ranks),
+        "syncs_per_rank": [r.syncs for r in ranks],
         "sync_steps": log["sync_steps"],
         "sync_steps_per_rank": per_rank_steps,
+        "complete_steps": log["complete_steps"],
         "periods": log["periods"],
         "periods_per_rank": per_rank_periods,
         "S": log["S"],
@@ -633,4 +1082,12 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
         "u": [_copy(r.u) for r in ranks] if ranks[0].u is not None else None,
         "outer_buf": ([_copy(r.outer_buf) if r.outer_buf is not None else None for r in ranks]
                       if algo["name"] == "outer_sgd" else None),
+        "groups": groups_used,
+        "local_syncs": [r.local_syncs for r in ranks],
+        "local_sync_steps": [list(r.local_sync_steps) for r in ranks],
+        "in_flight": [flight(r) for r in ranks] if overlap else None,
+        "residual": [_copy(r.e) for r in ranks] if compression is not None else None,
+        "anchor_c": [_copy(anchor(r)) for r in ranks] if compression is not None else None,
+        "sends": [list(r.sends) for r in ranks] if compression is not None else None,
+        "payload_bytes": [r.payload_bytes for r in ranks],
     }

@@ -8,10 +8,12 @@ import pytest
 
 try:
     from . import fixtures
-    from .reference import simulate
+    from .reference import (dequantize_int8, dequantize_int8_mean, quantize_fp16,
+                            quantize_int8, simulate, sum_fp16)
 except ImportError:
     import fixtures  # type: ignore[no-redef]
-    from reference import simulate  # type: ignore[no-redef]
+    from reference import (dequantize_int8, dequantize_int8_mean,  # type: ignore[no-redef]
+                           quantize_fp16, quantize_int8, simulate, sum_fp16)
 
 Params = dict[str, np.ndarray]
 SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.0}
@@ -721,3 +723,654 @@ def test_rejects_bad_skip_and_no_grad() -> None:
                dict(no_grad={0: ["nope"]}), dict(no_grad={-1: ["bias"]})):
         with pytest.raises(ValueError):
             simulate(2, 4, inner=SGD, schedule=sched, **kw)
+
+
+# ================================================================ two-level averaging
+def _c(h: float) -> dict:
+    return {"kind": "constant", "period": h}
+
+
+def _spread(res: dict) -> float:
+    return max(float(np.max(np.abs(p[k] - res["params"][0][k])))
+               for p in res["params"] for k in p)
+
+
+def test_two_level_one_group_is_flat_averaging_every_L() -> None:
+    n, T, L = 3, 7, 2
+    # global schedule Never: the local rounds of the one group are plain averages every L
+    res = simulate(n, T, inner=SGD, schedule=_c(math.inf), local_period=L)
+    want = _local_sgd_by_hand(n, T, L, SGD["lr"])
+    for i in range(n):
+        close(res["params"][i], want[i])
+    assert res["syncs"] == 0 and res["groups"] == [[0, 1, 2]]
+    assert res["local_syncs"] == [3] * n and res["local_sync_steps"] == [[2, 4, 6]] * n
+    # SlowMo globally every 4 steps, local averages every 2: the global round works on the
+    # (already identical) group mean; local rounds do no SlowMo step
+    lr, alpha, beta = SGD["lr"], 0.8, 0.5
+    res = simulate(n, 9, inner=SGD, schedule=_c(4), local_period=L,
+                   algorithm={"name": "slowmo", "alpha": alpha, "beta": beta})
+    xs = [x0() for _ in range(n)]
+    anc, u = x0(), {k: np.zeros_like(v) for k, v in x0().items()}
+    for t in range(1, 10):
+        xs = [_sgd(i, t, xs[i]) for i in range(n)]
+        if t % L == 0:
+            xs = [avg(xs)] * n
+        if t % 4 == 0:
+            xa = avg(xs)
+            u = {k: beta * u[k] + (anc[k] - xa[k]) / lr for k in u}
+            anc = {k: anc[k] - alpha * lr * u[k] for k in anc}
+            xs = [dict(anc)] * n
+    for i in range(n):
+        close(res["params"][i], xs[i])
+        close(res["x0"][i], anc)
+    assert res["sync_steps"] == [4, 8] and res["local_syncs"] == [4] * n
+
+
+@pytest.mark.parametrize("steps", [9, [5, 9, 7]])
+def test_two_level_singleton_groups_and_no_local_period_are_flat(steps) -> None:
+    cfg = dict(inner=MOM, schedule=_c(3), warmup_steps=1, state_policy="average",
+               algorithm={"name": "slowmo", "alpha": 0.8, "beta": 0.5}, final_sync=True)
+    flat = simulate(3, steps, **cfg)
+    single = simulate(3, steps, **cfg, groups=[[2], [0], [1]], local_period=2)
+    ignored = simulate(3, steps, **cfg, groups=[[0, 1], [2]])  # local_period=None: flat
+    for other in (single, ignored):
+        for i in range(3):
+            close(other["params"][i], flat["params"][i], rtol=0)
+            close(other["opt_state"][i]["momentum_buffer"],
+                  flat["opt_state"][i]["momentum_buffer"], rtol=0)
+        assert other["S"] == flat["S"] and other["sync_steps_per_rank"] == flat[
+            "sync_steps_per_rank"]
+    assert ignored["local_syncs"] == [0, 0, 0] and ignored["groups"] is None
+    assert single["groups"] == [[2], [0], [1]]
+    if steps == 9:  # warm-up 1: local rounds after steps 3 (L), 4 (+ global), 6, 7 (+ global),
+        # 9 and before the final global round
+        assert single["local_sync_steps"] == [[3, 4, 6, 7, 9, 9]] * 3
+        assert single["sync_steps"] == [4, 7, 9]
+
+
+def test_two_level_L1_two_groups_written_out() -> None:
+    n, T, H = 4, 7, 3
+    G = [[0, 1], [2, 3]]
+    res = simulate(n, T, inner=SGD, schedule={"kind": "adaptive", "initial_period": H,
+                                              "sampling_steps": 100},
+                   groups=G, local_period=1)
+    xs = [x0() for _ in range(n)]
+    S_want = []
+    for t in range(1, T + 1):
+        xs = [_sgd(i, t, xs[i]) for i in range(n)]
+        for g in G:                                   # local round after every step
+            m = avg([xs[i] for i in g])
+            for i in g:
+                xs[i] = dict(m)
+        if t % H == 0:                                # global round on the group means
+            a = avg(xs)
+            S_want.append(sum(float(np.sum((a[k] - x[k]) ** 2)) for x in xs for k in x) / n)
+            xs = [dict(a) for _ in range(n)]
+    for i in range(n):
+        close(res["params"][i], xs[i])
+    assert res["sync_steps"] == [3, 6] and res["local_syncs"] == [T] * n
+    np.testing.assert_allclose(res["S"], S_want, rtol=1e-10)
+    assert S_want[0] > 0
+    # after a local round: identical within a group, not across; after a global: identical
+    r1 = simulate(n, 1, inner=SGD, schedule=_c(H), groups=G, local_period=1)
+    close(r1["params"][1], r1["params"][0], rtol=0)
+    close(r1["params"][3], r1["params"][2], rtol=0)
+    assert not np.allclose(r1["params"][0]["weight"], r1["params"][2]["weight"])
+    r3 = simulate(n, 3, inner=SGD, schedule=_c(H), groups=G, local_period=1)
+    same_everywhere(r3)
+
+
+def test_two_level_average_state_in_local_rounds_written_out() -> None:
+    n, T, H, L, lr, mom = 4, 5, 4, 2, 0.05, 0.9
+    G = [[0, 1], [2, 3]]
+    res = simulate(n, T, inner=MOM, schedule=_c(H), groups=G, local_period=L,
+                   state_policy="average")
+    xs = [x0() for _ in range(n)]
+    bufs: list = [None] * n
+    for t in range(1, T + 1):
+        for i in range(n):
+            g = grad(i, t, xs[i])
+            bufs[i] = dict(g) if bufs[i] is None else {k: mom * bufs[i][k] + g[k] for k in g}
+            xs[i] = {k: xs[i][k] - lr * bufs[i][k] for k in g}
+        if t % L == 0:                                  # local rounds: params and buffers
+            for grp in G:
+                mx, mb = avg([xs[i] for i in grp]), avg([bufs[i] for i in grp])
+                for i in grp:
+                    xs[i], bufs[i] = dict(mx), dict(mb)
+        if t % H == 0:
+            mx, mb = avg(xs), avg(bufs)
+            xs, bufs = [dict(mx)] * n, [dict(mb)] * n
+    for i in range(n):
+        close(res["params"][i], xs[i])
+        close(res["opt_state"][i]["momentum_buffer"], bufs[i])
+    assert res["sync_steps"] == [4] and res["local_sync_steps"][0] == [2, 4]
+    # right after a local round: buffers identical within a group, not across groups
+    r2 = simulate(n, 2, inner=MOM, schedule=_c(H), groups=G, local_period=L,
+                  state_policy="average")
+    close(r2["opt_state"][1]["momentum_buffer"], r2["opt_state"][0]["momentum_buffer"], rtol=0)
+    assert not np.allclose(r2["opt_state"][0]["momentum_buffer"]["bias"],
+                           r2["opt_state"][2]["momentum_buffer"]["bias"])
+
+
+def test_two_level_uneven_join_written_out() -> None:
+    # groups {0,1} and {2}; L = 1, no scheduled global round: every round before the end is
+    # local; rank 0 joins after step 2 and sends (1, 0) until rank 1 joins after step 4
+    res = simulate(3, [2, 4, 3], inner=SGD, schedule=_c(math.inf), groups=[[0, 1], [2]],
+                   local_period=1)
+    a = avg([_sgd(0, 1, x0()), _sgd(1, 1, x0())])
+    a = avg([_sgd(0, 2, a), _sgd(1, 2, a)])           # rank 0 joins with this
+    a = avg([a, _sgd(1, 3, a)])
+    a = avg([a, _sgd(1, 4, a)])                       # then rank 1 joins: J == 2, global
+    z = _sgd(2, 3, _sgd(2, 2, _sgd(2, 1, x0())))
+    want = avg([a, a, z])
+    for p in res["params"]:
+        close(p, want)
+    assert res["syncs"] == 1 and res["joined"] == [3]
+    assert res["local_syncs"] == [5, 5, 4]
+    assert res["local_sync_steps"] == [[1, 2, 2, 2, 2], [1, 2, 3, 4, 4], [1, 2, 3, 3]]
+
+
+def test_two_level_uneven_join_protocol_sequence() -> None:
+    # traced by hand from the protocol (W > 0 or J == m -> global; joined ranks loop)
+    res = simulate(4, [7, 9, 5, 12], inner=MOM, schedule=_c(3), groups=[[0, 1], [2, 3]],
+                   local_period=2)
+    same_everywhere(res)
+    assert res["joined"] == [0, 1, 2, 3, 4]
+    assert res["sync_steps_per_rank"] == [[3, 6, 7, 7, 7], [3, 6, 9, 9, 9],
+                                          [3, 5, 5, 5, 5], [3, 6, 9, 12, 12]]
+    assert res["local_syncs"] == [7, 7, 9, 9]
+    # with one warm-up step: group {0, 1} enters its next global round only once both joined
+    res = simulate(4, [7, 9, 5, 12], inner=MOM, schedule=_c(3), groups=[[0, 1], [2, 3]],
+                   local_period=2, warmup_steps=1)
+    same_everywhere(res)
+    assert res["joined"] == [0, 1, 3, 4]
+    assert res["sync_steps_per_rank"] == [[4, 7, 7, 7], [4, 7, 9, 9],
+                                          [4, 5, 5, 5], [4, 7, 10, 12]]
+    assert res["local_syncs"] == [6, 6, 8, 8]
+
+
+def test_two_level_refusals() -> None:
+    for sched, kw in (({"kind": "time_budget", "seconds": 1.0}, {}),
+                      ({"kind": "rounds"}, dict(rounds=[[2], [2]]))):
+        with pytest.raises(ValueError, match="TimeBudget"):
+            simulate(2, 4, inner=SGD, schedule=sched, local_period=1, **kw)
+    with pytest.raises(ValueError, match="overlap"):
+        simulate(2, 4, inner=SGD, schedule=_c(2), local_period=1, overlap=True)
+    for bad in ([[0], [0, 1]], [[0]], [[0, 1], []], [[0, 2]]):
+        with pytest.raises(ValueError, match="partition"):
+            simulate(2, 4, inner=SGD, schedule=_c(2), local_period=1, groups=bad)
+    with pytest.raises(ValueError):
+        simulate(2, 4, inner=SGD, schedule=_c(2), local_period=0)
+
+
+# ================================================================ overlapped rounds
+def _overlap_by_hand(n: int, T: int, H: int, lr: float = SGD["lr"], final: bool = False):
+    """One-round-delayed averaging written out: (params, s, pending avg, S list)."""
+    xs = [x0() for _ in range(n)]
+    s: list | None = None
+    pending: Params | None = None
+    Ss = []
+    for t in range(1, T + 1):
+        xs = [_sgd(i, t, xs[i], lr) for i in range(n)]
+        if t % H == 0:
+            if s is not None:
+                xs = [{k: pending[k] + (xs[i][k] - s[i][k]) for k in xs[i]} for i in range(n)]
+            s = [dict(x) for x in xs]
+            pending = avg(s)
+            Ss.append(sum(float(np.sum((pending[k] - x[k]) ** 2)) for x in s for k in x) / n)
+    if final:
+        if s is not None:
+            xs = [{k: pending[k] + (xs[i][k] - s[i][k]) for k in xs[i]} for i in range(n)]
+        xs = [avg(xs)] * n
+    return xs, s, pending, Ss
+
+
+def test_overlap_n1_is_plain_local_steps() -> None:
+    T = 7
+    res = simulate(1, T, inner=SGD, schedule=_c(2), overlap=True)
+    close(res["params"][0], _local_sgd_by_hand(1, T, 10**9, SGD["lr"])[0], rtol=1e-12)
+    assert res["syncs"] == 2 and res["sync_steps"] == [2, 4, 6]
+    assert res["complete_steps"] == [4, 6, None]
+    fl = res["in_flight"][0]
+    assert fl["pending"] and fl["round"] == 2
+    close(fl["s"], _local_sgd_by_hand(1, 6, 10**9, SGD["lr"])[0], rtol=1e-12)
+
+
+def test_overlap_written_out_and_differs_from_blocking() -> None:
+    n, T, H = 2, 7, 2
+    res = simulate(n, T, inner=SGD, schedule=_c(H), overlap=True)
+    xs, s, pending, Ss = _overlap_by_hand(n, T, H)
+    for i in range(n):
+        close(res["params"][i], xs[i])
+        close(res["in_flight"][i]["s"], s[i])
+        close(res["in_flight"][i]["avg"], pending)
+        close(res["in_flight"][i]["sum"], {k: 2 * pending[k] for k in pending})
+    np.testing.assert_allclose(res["S"], Ss, rtol=1e-10)
+    assert res["syncs"] == 2 and res["syncs_per_rank"] == [2, 2]
+    blocking = simulate(n, T, inner=SGD, schedule=_c(H))
+    assert not np.allclose(blocking["params"][0]["weight"], res["params"][0]["weight"])
+    # final sync: the round in flight completes, then one blocking round: identical replicas
+    fin = simulate(n, T, inner=SGD, schedule=_c(H), overlap=True, final_sync=True)
+    want = _overlap_by_hand(n, T, H, final=True)[0]
+    same_everywhere(fin)
+    close(fin["params"][0], want[0])
+    assert fin["syncs"] == 4 and fin["complete_steps"] == [4, 6, 7, 7]
+    assert not fin["in_flight"][0]["pending"]
+
+
+def test_overlap_mid_flight_snapshot_resumes() -> None:
+    """in_flight holds what state_dict() stores mid-round; continuing from it by hand gives
+    the longer run (the next boundary completes the stored round)."""
+    n, H = 3, 2
+    sched = _c(H)
+    r4 = simulate(n, 4, inner=SGD, schedule=sched, overlap=True)
+    r5 = simulate(n, 5, inner=SGD, schedule=sched, overlap=True)
+    r6 = simulate(n, 6, inner=SGD, schedule=sched, overlap=True)
+    for i in range(n):
+        fl = r5["in_flight"][i]
+        assert fl["pending"] and fl["round"] == 1
+        close(fl["s"], r4["params"][i], rtol=0)  # sent at the boundary, right after completing
+        close(fl["sum"], {k: sum(r4["params"][j][k] for j in range(n)) for k in fl["s"]})
+        x6 = _sgd(i, 6, r5["params"][i])
+        close(r6["params"][i], {k: fl["avg"][k] + (x6[k] - fl["s"][k]) for k in x6},
+              rtol=1e-14)
+
+
+def test_overlap_slowmo_delayed_written_out() -> None:
+    n, T, H, lr, alpha, beta = 2, 7, 2, SGD["lr"], 0.8, 0.5
+    res = simulate(n, T, inner=SGD, schedule=_c(H), overlap=True,
+                   algorithm={"name": "slowmo", "alpha": alpha, "beta": beta})
+    xs = [x0() for _ in range(n)]
+    anc, u = x0(), {k: np.zeros_like(v) for k, v in x0().items()}
+    s = a = None
+    for t in range(1, T + 1):
+        xs = [_sgd(i, t, xs[i]) for i in range(n)]
+        if t % H == 0:
+            if s is not None:
+                u = {k: beta * u[k] + (anc[k] - a[k]) / lr for k in u}
+                anc = {k: anc[k] - alpha * lr * u[k] for k in anc}
+                xs = [{k: anc[k] + (xs[i][k] - s[i][k]) for k in anc} for i in range(n)]
+            s = [dict(x) for x in xs]
+            a = avg(s)
+    for i in range(n):
+        close(res["params"][i], xs[i])
+        close(res["x0"][i], anc)
+        close(res["u"][i], u)
+    # outer SGD with SGD(alpha, beta) = SlowMo (constant lr), delayed variant too
+    out = simulate(n, T, inner=SGD, schedule=_c(H), overlap=True,
+                   algorithm={"name": "outer_sgd", "lr": alpha, "momentum": beta})
+    for i in range(n):
+        close(out["params"][i], xs[i], rtol=1e-9)
+
+
+def test_overlap_state_policies_written_out() -> None:
+    n, T, H, lr, mom = 2, 4, 2, 0.05, 0.9
+    inner = {"name": "sgd", "lr": lr, "momentum": mom}
+
+    def run_by_hand(policy: str):
+        xs, bufs = [x0() for _ in range(n)], [None] * n
+        s = sb = None
+        for t in range(1, T + 1):
+            for i in range(n):
+                g = grad(i, t, xs[i])
+                bufs[i] = dict(g) if bufs[i] is None else {k: mom * bufs[i][k] + g[k] for k in g}
+                xs[i] = {k: xs[i][k] - lr * bufs[i][k] for k in g}
+            if t % H == 0:
+                if s is not None:
+                    a, ab = avg(s), avg(sb)
+                    xs = [{k: a[k] + (xs[i][k] - s[i][k]) for k in a} for i in range(n)]
+                    if policy == "average":
+                        bufs = [{k: ab[k] + (bufs[i][k] - sb[i][k]) for k in a}
+                                for i in range(n)]
+                    elif policy == "reset":
+                        bufs = [{k: np.zeros_like(v) for k, v in b.items()} for b in bufs]
+                s, sb = [dict(x) for x in xs], [dict(b) for b in bufs]
+        return xs, bufs
+
+    for policy in ("keep", "reset", "average"):
+        res = simulate(n, T, inner=inner, schedule=_c(H), overlap=True, state_policy=policy)
+        xs, bufs = run_by_hand(policy)
+        for i in range(n):
+            close(res["params"][i], xs[i])
+            close(res["opt_state"][i]["momentum_buffer"], bufs[i])
+        if policy == "reset":
+            assert not any(v.any() for v in res["opt_state"][0]["momentum_buffer"].values())
+        if policy == "average":  # the state was sent too
+            assert set(res["in_flight"][0]["s_state"]) == {("weight", "momentum_buffer"),
+                                                           ("bias", "momentum_buffer")}
+    keep = simulate(n, T, inner=inner, schedule=_c(H), overlap=True, state_policy="keep")
+    assert keep["payload_bytes"] == [2 * 8 * 28] * n
+    av = simulate(n, T, inner=inner, schedule=_c(H), overlap=True, state_policy="average")
+    assert av["payload_bytes"] == [2 * 8 * 56] * n
+
+
+def test_overlap_adpsgd_updates_at_completion() -> None:
+    Ks, p0 = 8, 2
+    f = lambda k: 1.0 if k < Ks else 0.1  # noqa: E731
+    res = simulate(2, 60, inner={"name": "sgd", "lr": 0.05, "momentum": 0.0, "lr_schedule": f},
+                   overlap=True, schedule={"kind": "adaptive", "initial_period": p0,
+                                           "sampling_steps": Ks})
+    p, C2, m, t, prev = p0, 0.0, 0, 0, None
+    for k, S in enumerate(res["S"]):
+        t += p                                    # boundary k
+        assert res["sync_steps"][k] == t and res["periods"][k] == p
+        if prev is not None:                      # completion of round k-1 at step t
+            lr = 0.05 * f(t - 1)
+            if t <= Ks:
+                C2 = (C2 * m + prev / lr) / (m + 1)
+                m += 1
+            elif prev < 0.7 * lr * C2:
+                p += 1
+            elif prev > 1.3 * lr * C2:
+                p = max(1, p - 1)
+        prev = S
+    assert res["C2"] == pytest.approx(C2, rel=1e-12) and res["period"] == p
+    assert m == 3  # rounds 0..2 completed at steps 4, 6, 8 (<= Ks); the one started at 8 not
+    blocking = simulate(2, 60, inner={"name": "sgd", "lr": 0.05, "momentum": 0.0,
+                                      "lr_schedule": f},
+                        schedule={"kind": "adaptive", "initial_period": p0,
+                                  "sampling_steps": Ks})
+    assert blocking["sync_steps"] != res["sync_steps"]
+
+
+def test_overlap_increasing_boundaries_are_the_flat_ones() -> None:
+    sched = {"kind": "increasing", "initial_period": 1, "factor": 2, "rounds_per_stage": 2,
+             "max_period": 4}
+    a = simulate(2, 20, inner=SGD, warmup_steps=1, schedule=sched, overlap=True)
+    assert a["sync_steps"] == [2, 3, 5, 7, 11, 15, 19]
+    assert a["syncs"] == 6
+
+
+@pytest.mark.parametrize("algorithm", [None, {"name": "slowmo", "alpha": 1.0, "beta": 0.5}])
+def test_overlap_uneven_join_identical(algorithm) -> None:
+    res = simulate(3, [7, 4, 10], inner=MOM, warmup_steps=2, algorithm=algorithm,
+                   schedule=_c(2), overlap=True, state_policy="average")
+    same_everywhere(res)
+    assert res["joined"][-1] == 3 and not any(f["pending"] for f in res["in_flight"])
+    assert res["syncs_per_rank"] == [len(res["S"])] * 3
+
+
+def test_overlap_join_written_out() -> None:
+    # steps [3, 6], H = 2: rank 0 joins after step 3 (completes round 0, then blocking rounds);
+    # rank 1 completes each round at its next boundary
+    res = simulate(2, [3, 6], inner=SGD, schedule=_c(2), overlap=True)
+    p0 = _sgd(0, 2, _sgd(0, 1, x0()))
+    p1 = _sgd(1, 2, _sgd(1, 1, x0()))
+    s0, s1 = p0, p1
+    a0 = avg([s0, s1])                                          # round 0 (both overlapped)
+    p0 = _sgd(0, 3, p0)
+    p0 = {k: a0[k] + (p0[k] - s0[k]) for k in a0}               # rank 0: join completes 0
+    p1 = _sgd(1, 4, _sgd(1, 3, p1))
+    p1 = {k: a0[k] + (p1[k] - s1[k]) for k in a0}               # rank 1: boundary 4
+    s1 = p1
+    a1 = avg([p0, s1])                                          # round 1
+    p0 = a1                                                     # blocking for rank 0
+    p1 = _sgd(1, 6, _sgd(1, 5, p1))
+    p1 = {k: a1[k] + (p1[k] - s1[k]) for k in a1}               # boundary 6
+    s1 = p1
+    a2 = avg([p0, s1])                                          # round 2
+    p0 = a2
+    # rank 1 joins: completes round 2 (no progress since), blocking round 3
+    p1 = {k: a2[k] + (p1[k] - s1[k]) for k in a2}
+    want = avg([p0, p1])
+    for p in res["params"]:
+        close(p, want)
+    assert res["joined"] == [0, 1, 1, 2] and res["sync_steps_per_rank"] == [[2, 3, 3, 3],
+                                                                            [2, 4, 6, 6]]
+
+
+def test_overlap_refusals() -> None:
+    with pytest.raises(ValueError, match="AdaAlter"):
+        simulate(2, 4, inner={"name": "adaalter", "lr": 0.1}, schedule=_c(2), overlap=True)
+    with pytest.raises(ValueError, match="skip"):
+        simulate(2, 4, inner=SGD, schedule=_c(2), overlap=True, nonfinite="skip")
+    with pytest.raises(NotImplementedError):
+        simulate(2, 4, inner=SGD, schedule=_c(2), nonfinite="skip")
+
+
+# ================================================================ compressed syncs
+def test_fp16_quantizer_and_sum() -> None:
+    # exactly representable values: no error, and the sum of representable values whose
+    # partial sums are representable is exact -> delta equals the uncompressed mean
+    rng = np.random.default_rng(0)
+    ds = [rng.integers(-300, 300, size=(4, 6)) * 2.0 ** -9 for _ in range(3)]
+    qs = [quantize_fp16(d) for d in ds]
+    for d, q in zip(ds, qs):
+        assert q.dtype == np.float16
+        np.testing.assert_array_equal(q.astype(np.float64), d)
+    delta = sum_fp16(qs).astype(np.float64) * (1.0 / 3)
+    np.testing.assert_array_equal(delta, (ds[0] + ds[1] + ds[2]) * (1.0 / 3))
+    # round to nearest even, from float64 in one rounding; overflow to inf
+    q = quantize_fp16(np.array([1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 1 + 2.0 ** -11 + 2.0 ** -40,
+                                65519.0, 65520.0, -7e4]))
+    np.testing.assert_array_equal(q.astype(np.float64)[:5],
+                                  [1.0, 1 + 2.0 ** -9, 1 + 2.0 ** -10, 65504.0, np.inf])
+    assert q[5] == -np.inf
+    # the sum rounds to float16 after each addition, in rank order
+    s = sum_fp16([np.array([2048.0], np.float16), np.array([1.0], np.float16),
+                  np.array([1.0], np.float16)])
+    assert s.dtype == np.float16 and float(s[0]) == 2048.0        # exact sum: 2050
+    s = sum_fp16([np.array([1.0], np.float16), np.array([1.0], np.float16),
+                  np.array([2048.0], np.float16)])
+    assert float(s[0]) == 2050.0
+
+
+def test_int8_quantizer_properties() -> None:
+    rng = np.random.default_rng(1)
+    d = rng.normal(0.0, 1.0, size=600) * np.repeat([1e-3, 1.0, 50.0], [256, 256, 88])
+    d[300:320] = 0.0
+    q, sc = quantize_int8(d)
+    assert q.dtype == np.int8 and q.shape == d.shape and sc.shape == (3,)
+    assert q.min() >= -127 and q.max() <= 127
+    e = d - dequantize_int8(q, sc)
+    for b in range(3):
+        blk = slice(256 * b, 256 * (b + 1))
+        amax = np.max(np.abs(d[blk]))
+        assert sc[b] == amax / 127.0
+        assert np.all(np.abs(e[blk]) <= sc[b] / 2 * (1 + 1e-12))
+        assert np.max(np.abs(q[blk])) == 127                     # the block max hits +-127
+    # round half to even: amax = 127 -> r = 1, so q = rint(d)
+    q2, sc2 = quantize_int8(np.array([127.0, 2.5, 3.5, -2.5, 0.5, -0.49]))
+    np.testing.assert_array_equal(q2, [127, 2, 4, -2, 0, 0])
+    assert sc2[0] == 1.0
+    # an all-zero block: scale 0, q 0; row-major blocks of a 2-D tensor, last one shorter
+    z = np.zeros((3, 100))
+    z[2, 90] = -4.0
+    q3, sc3 = quantize_int8(z)
+    assert sc3.tolist() == [0.0, 4.0 / 127.0] and q3[2, 90] == -127
+    assert not q3[:2].any() and np.count_nonzero(q3) == 1
+    # blocks never span tensors: per-tensor calls, the big tensor does not set the small scale
+    qa, sa = quantize_int8(np.full(300, 100.0))
+    qb, sb = quantize_int8(np.full(10, 0.01))
+    assert sa.shape == (2,) and sb.shape == (1,) and sb[0] == 0.01 / 127.0
+    np.testing.assert_array_equal(qb, 127)
+    # mean of the gathered payloads in rank order
+    ds = [rng.normal(size=300) for _ in range(3)]
+    pl = [quantize_int8(x) for x in ds]
+    want = ((dequantize_int8(*pl[0]) + dequantize_int8(*pl[1])) + dequantize_int8(*pl[2])) / 3
+    np.testing.assert_allclose(dequantize_int8_mean([p[0] for p in pl], [p[1] for p in pl], 3),
+                               want, rtol=1e-15)
+    with pytest.raises(FloatingPointError):
+        quantize_int8(np.array([1.0, np.nan]))
+
+
+def _int8_by_hand(d: np.ndarray) -> np.ndarray:
+    """D(Q(d)) written independently: pad to whole blocks, per-block scale."""
+    flat = d.ravel()
+    pad = -flat.size % 256
+    blocks = np.concatenate([flat, np.zeros(pad)]).reshape(-1, 256)
+    amax = np.max(np.abs(blocks), axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(amax > 0, np.clip(np.rint(blocks * (127.0 / amax)), -127, 127), 0.0)
+    return (q * (amax / 127.0)).ravel()[:flat.size].reshape(d.shape)
+
+
+@pytest.mark.parametrize("comp", ["fp16", "int8"])
+def test_compression_written_out(comp: str) -> None:
+    n, T, H = 3, 6, 2
+    res = simulate(n, T, inner=SGD, schedule=_c(H), compression=comp)
+    xs = [x0() for _ in range(n)]
+    c = x0()
+    e = [{k: np.zeros_like(v) for k, v in c.items()} for _ in range(n)]
+    S_want = []
+    for t in range(1, T + 1):
+        xs = [_sgd(i, t, xs[i]) for i in range(n)]
+        if t % H == 0:
+            sent = []
+            for i in range(n):
+                d = {k: (xs[i][k] - c[k]) + e[i][k] for k in c}
+                if comp == "fp16":
+                    dq = {k: d[k].astype(np.float16) for k in d}
+                else:
+                    dq = {k: _int8_by_hand(d[k]) for k in d}
+                e[i] = {k: d[k] - dq[k].astype(np.float64) for k in d}
+                sent.append(dq)
+            if comp == "fp16":
+                tot = {k: ((sent[0][k].astype(np.float64) + sent[1][k]).astype(np.float16)
+                           .astype(np.float64) + sent[2][k]).astype(np.float16) for k in c}
+                delta = {k: tot[k].astype(np.float64) * (1.0 / n) for k in c}
+            else:
+                delta = {k: (sent[0][k] + sent[1][k] + sent[2][k]) * (1.0 / n) for k in c}
+            c = {k: c[k] + delta[k] for k in c}
+            # ADPSGD's S: x_avg = c + delta against the ranks' own parameters
+            S_want.append(sum(float(np.sum((c[k] - x[k]) ** 2)) for x in xs for k in c) / n)
+            xs = [dict(c) for _ in range(n)]
+    for i in range(n):
+        close(res["params"][i], xs[i], rtol=1e-15)
+        close(res["anchor_c"][i], c, rtol=1e-15)
+        close(res["residual"][i], e[i], rtol=1e-9)
+    np.testing.assert_allclose(res["S"], S_want, rtol=1e-12)
+    assert any(np.abs(v).max() > 0 for v in res["residual"][0].values())
+    plain = simulate(n, T, inner=SGD, schedule=_c(H))
+    err = max(float(np.max(np.abs(res["params"][0][k] - plain["params"][0][k]))) for k in c)
+    assert 0 < err < (1e-3 if comp == "fp16" else 1e-2)
+    per_round = 2 * 28 if comp == "fp16" else 28 + 4 * 2  # weight 24, bias 4: one block each
+    assert res["payload_bytes"] == [per_round * 3] * n
+    assert plain["payload_bytes"] == [8 * 28 * 3] * n
+
+
+@pytest.mark.parametrize("comp", ["fp16", "int8"])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_error_feedback_telescopes(comp: str, overlap: bool) -> None:
+    """sum over rounds of the decoded sends + the final residual == the sum over rounds of
+    each rank's change since the common point; the common point moves by the mean sends."""
+    n = 3
+    res = simulate(n, [9, 7, 8], inner=MOM, warmup_steps=1, schedule=_c(2), compression=comp,
+                   overlap=overlap, final_sync=True)
+    same_everywhere(res)
+    rounds = len(res["S"])
+    assert all(len(snd) == rounds for snd in res["sends"])
+    for i in range(n):
+        for k in ("weight", "bias"):
+            dec = sum(snd["decoded"][k] for snd in res["sends"][i])
+            prog = sum(snd["progress"][k] for snd in res["sends"][i])
+            np.testing.assert_allclose(dec + res["residual"][i][k], prog, rtol=1e-12,
+                                       atol=1e-15)
+            # not vacuous: the quantizer lost something in some round (the join / final
+            # rounds resend the residual, d = e_i, and may drain it to exactly 0)
+            assert max(float(np.abs(snd["d"][k] - snd["decoded"][k]).max())
+                       for snd in res["sends"][i]) > 0
+    c0 = simulate(n, 1, inner=MOM, warmup_steps=1, schedule=_c(2))["params"][0]
+    for k in ("weight", "bias"):
+        moved = sum(sum(res["sends"][i][r]["decoded"][k] for i in range(n)) / n
+                    for r in range(rounds))
+        gap = np.abs(res["anchor_c"][0][k] - (c0[k] + moved))
+        if comp == "int8":  # the dequantized sum is exact up to float64 rounding
+            assert gap.max() <= 1e-14
+        else:
+            # the float16 allreduce rounds each partial sum (n - 1 additions a round); that
+            # rounding is not fed back: c moves by fp16sum / n, not by the mean of the sends
+            bound = sum((n - 1) * 2.0 ** -11 * sum(np.abs(res["sends"][i][r]["decoded"][k])
+                                                   for i in range(n)) / n + 2.0 ** -24
+                        for r in range(rounds))
+            assert np.all(gap <= bound) and gap.max() > 1e-8
+        np.testing.assert_array_equal(res["anchor_c"][0][k], res["params"][0][k])
+
+
+def test_compression_slowmo_one_round_written_out() -> None:
+    n, lr, alpha, beta = 2, SGD["lr"], 0.8, 0.5
+    res = simulate(n, 2, inner=SGD, schedule=_c(2), compression="fp16",
+                   algorithm={"name": "slowmo", "alpha": alpha, "beta": beta})
+    xs = [_sgd(i, 2, _sgd(i, 1, x0())) for i in range(n)]
+    anc = x0()
+    q = [{k: (xs[i][k] - anc[k]).astype(np.float16) for k in anc} for i in range(n)]
+    delta = {k: (q[0][k].astype(np.float64) + q[1][k]).astype(np.float16).astype(np.float64)
+             * 0.5 for k in anc}
+    xa = {k: anc[k] + delta[k] for k in anc}
+    u = {k: (anc[k] - xa[k]) / lr for k in anc}
+    new = {k: anc[k] - alpha * lr * u[k] for k in anc}
+    for i in range(n):
+        close(res["params"][i], new, rtol=1e-15)
+        close(res["x0"][i], new, rtol=0)
+        close(res["anchor_c"][i], res["x0"][i], rtol=0)
+
+
+def test_compression_overlap_written_out() -> None:
+    n, T, H = 2, 5, 2
+    res = simulate(n, T, inner=SGD, schedule=_c(H), compression="fp16", overlap=True)
+    xs = [x0() for _ in range(n)]
+    c = x0()
+    e = [{k: np.zeros_like(v) for k, v in c.items()} for _ in range(n)]
+    s = delta = None
+    for t in range(1, T + 1):
+        xs = [_sgd(i, t, xs[i]) for i in range(n)]
+        if t % H == 0:
+            if s is not None:
+                c = {k: c[k] + delta[k] for k in c}
+                xs = [{k: c[k] + (xs[i][k] - s[i][k]) for k in c} for i in range(n)]
+            s = [dict(x) for x in xs]
+            q = []
+            for i in range(n):
+                d = {k: (xs[i][k] - c[k]) + e[i][k] for k in c}
+                q.append({k: d[k].astype(np.float16) for k in d})
+                e[i] = {k: d[k] - q[i][k].astype(np.float64) for k in d}
+            tot = {k: (q[0][k].astype(np.float64) + q[1][k]).astype(np.float16) for k in c}
+            delta = {k: tot[k].astype(np.float64) * 0.5 for k in c}
+    for i in range(n):
+        close(res["params"][i], xs[i], rtol=1e-15)
+        close(res["anchor_c"][i], c, rtol=0)
+        close(res["residual"][i], e[i], rtol=1e-9)
+        fl = res["in_flight"][i]
+        assert fl["pending"] and fl["sum"]["weight"].dtype == np.float16
+        close(fl["avg"], delta, rtol=0)
+        close(fl["s"], s[i], rtol=0)
+
+
+def test_compression_two_level_residual_changes_only_at_global_rounds() -> None:
+    G = [[0, 1], [2, 3]]
+    kw = dict(inner=SGD, schedule=_c(2), groups=G, local_period=1, compression="int8")
+    r2, r3, r4 = (simulate(4, T, **kw) for T in (2, 3, 4))
+    for i in range(4):
+        close(r3["residual"][i], r2["residual"][i], rtol=0)     # step 3: local round only
+        close(r3["anchor_c"][i], r2["anchor_c"][i], rtol=0)
+    close(r3["params"][0], r3["params"][1], rtol=0)
+    assert not np.allclose(r3["params"][0]["weight"], r3["params"][2]["weight"])
+    same_everywhere(r4)
+    assert not np.array_equal(r4["residual"][0]["weight"], r2["residual"][0]["weight"])
+    assert r4["local_syncs"] == [4] * 4 and r4["syncs"] == 2
+
+
+def test_compression_fp16_overflow_raises() -> None:
+    with pytest.raises(FloatingPointError):
+        simulate(2, 1, inner={"name": "sgd", "lr": 1e6, "momentum": 0.0}, schedule=_c(1),
+                 compression="fp16")
+
+
+def test_compression_refusals() -> None:
+    for kw in (dict(state_policy="average"), dict(inner={"name": "adaalter", "lr": 0.1}),
+               dict(compression="bf16"), dict(compression="topk"), dict(nonfinite="skip")):
+        kw = dict(dict(inner=SGD, compression="int8"), **kw)
+        with pytest.raises(ValueError):
+            simulate(2, 4, schedule=_c(2), **kw)
+
+
+@pytest.mark.parametrize("comp", ["fp16", "int8"])
+def test_compression_uneven_join_overlap_outer(comp: str) -> None:
+    res = simulate(3, [5, 9, 7], inner=MOM, schedule=_c(2), compression=comp, overlap=True,
+                   state_policy="reset",
+                   algorithm={"name": "outer_sgd", "lr": 0.7, "momentum": 0.9,
+                              "nesterov": True})
+    same_everywhere(res)
+    close(res["anchor_c"][0], res["x0"][0], rtol=0)
+    close(res["params"][0], res["x0"][0], rtol=0)
+    assert res["joined"][-1] == 3
