@@ -34,8 +34,20 @@ class Component:
         """Write this component's section back; may return the deviation sum."""
         return None
 
-    def after(self, ops: SyncOps, slots: Sequence[ParamSlot]) -> None:
-        """Once every bucket is unpacked."""
+    def after(self, ops: SyncOps, slots: Sequence[ParamSlot], carry: bool = False) -> None:
+        """Once every bucket is unpacked (``carry``: in an overlapped round, before
+        :meth:`carry`)."""
+
+    def complete(self, ops: SyncOps, bucket: Bucket, buf: Any, scale: float,
+                 offset: int) -> None:
+        """Overlapped rounds, phase 1 (before ``after``): what must read the sum before the
+        carry pass overwrites it (the pseudo-gradient)."""
+
+    def carry(self, ops: SyncOps, bucket: Bucket, buf: Any, scale: float, offset: int) -> Any:
+        """Overlapped rounds, phase 2: write the average plus the local progress made while
+        the round travelled (``x = avg + (x - sent)``), and pack the next send into this
+        section in the same pass; returns the section's guard (None: nothing travels)."""
+        return None
 
     def restore(self, ops: SyncOps, slots: Sequence[ParamSlot]) -> None:
         """A dropped round (``nonfinite='skip'``): forget what may hold the NaN."""
@@ -48,10 +60,22 @@ class Algorithm(Component):
     def plan(self, ops, slot, bucket_for, label):
         b = bucket_for(slot.value)
         b.add(b.params, slot.value, label(slot.name), ops.numel(slot.value))
+        b.sent.append(slot.sent)
+        if slot.residual is not None:
+            b.residuals.append(slot.residual)
         self.plan_parallel(b, slot)
 
     def plan_parallel(self, bucket: Bucket, slot: ParamSlot) -> None:
         """What stays home, parallel to the parameter (anchors, momenta...)."""
+
+    # compressed syncs: the buffer holds a delta from the common point c (the anchor)
+    def apply_delta(self, ops: SyncOps, bucket: Bucket, buf: Any, scale: float) -> None:
+        """A blocking compressed round: ``x_avg = c + delta``, then the algorithm."""
+        raise NotImplementedError
+
+    def complete_delta(self, ops: SyncOps, bucket: Bucket, buf: Any, scale: float) -> None:
+        """An overlapped compressed round's completion, before ``after`` and the carry."""
+        raise NotImplementedError
 
 
 class ModelAverage(Algorithm):
@@ -63,8 +87,38 @@ class ModelAverage(Algorithm):
         ops.unpack_average(buf, bucket.params, scale, offset)
         return None
 
+    def carry(self, ops, bucket, buf, scale, offset):
+        return ops.overlap_average_pack(buf, bucket.params, bucket.sent, scale, offset)
 
-class SlowMo(Algorithm):
+    def plan_parallel(self, bucket, slot):
+        if slot.anchor is not None:  # compression: the common point c
+            bucket.anchors.append(slot.anchor)
+
+    def apply_delta(self, ops, bucket, buf, scale):
+        ops.unpack_delta_average(buf, bucket.params, bucket.anchors, scale, 0)
+
+    def complete_delta(self, ops, bucket, buf, scale):
+        ops.add_delta(bucket.anchors, buf, scale, 0)
+
+
+class _Anchored(Algorithm):
+    """Overlapped rounds of an algorithm with anchors: the outer step on the delayed
+    pseudo-gradient ``x0 - avg(sent)``, then ``x = x0 + (x - sent)`` packed in one pass."""
+
+    def complete(self, ops, bucket, buf, scale, offset):
+        ops.unpack_pseudo_grad(buf, bucket.params, bucket.anchors, bucket.grads, scale, offset)
+
+    def carry(self, ops, bucket, buf, scale, offset):
+        return ops.carry_pack(bucket.anchors, bucket.params, bucket.sent, buf, offset)
+
+    def complete_delta(self, ops, bucket, buf, scale):
+        ops.delta_pseudo_grad(buf, bucket.anchors, bucket.grads, scale, 0)
+
+    def apply_delta(self, ops, bucket, buf, scale):
+        self.complete_delta(ops, bucket, buf, scale)
+
+
+class SlowMo(_Anchored):
     """SlowMo (Wang et al. 2020): ``u = beta u + (x0 - x_avg) / lr; x0 -= alpha lr u; x = x0``
     (``alpha * lr`` in float64, then rounded; see SEMANTICS.md)."""
 
@@ -75,6 +129,7 @@ class SlowMo(Algorithm):
         bucket.anchors.append(slot.anchor)
         bucket.momenta.append(slot.momentum)
         bucket.lrs.append(slot.lr)
+        bucket.grads.append(slot.pseudo_grad)  # overlapped rounds only (else None)
 
     def check(self, ops, buckets):
         lrs = [lr for b in buckets for lr in b.lrs]
@@ -88,8 +143,22 @@ class SlowMo(Algorithm):
         return ops.unpack_slowmo(buf, bucket.params, bucket.anchors, bucket.momenta, scale,
                                  bucket.lrs, self.alpha, self.beta, offset)
 
+    def complete(self, ops, bucket, buf, scale, offset):
+        super().complete(ops, bucket, buf, scale, offset)
+        ops.slowmo_step(bucket.anchors, bucket.momenta, bucket.grads, bucket.lrs, self.alpha,
+                        self.beta)
 
-class OuterOptimizer(Algorithm):
+    def complete_delta(self, ops, bucket, buf, scale):
+        super().complete_delta(ops, bucket, buf, scale)
+        ops.slowmo_step(bucket.anchors, bucket.momenta, bucket.grads, bucket.lrs, self.alpha,
+                        self.beta)
+
+    def apply_delta(self, ops, bucket, buf, scale):
+        self.complete_delta(ops, bucket, buf, scale)
+        ops.copy(bucket.params, bucket.anchors)  # x = T(x0)
+
+
+class OuterOptimizer(_Anchored):
     """Any outer optimizer on the pseudo-gradient ``x0 - x_avg`` (DiLoCo): the fused unpack
     writes the gradient next to each anchor, ``step()`` runs the front end's optimizer over the
     anchors, and every parameter becomes its anchor."""
@@ -105,9 +174,10 @@ class OuterOptimizer(Algorithm):
         return ops.unpack_pseudo_grad(buf, bucket.params, bucket.anchors, bucket.grads, scale,
                                       offset)
 
-    def after(self, ops, slots):
+    def after(self, ops, slots, carry=False):
         self.step([s.anchor for s in slots], [s.pseudo_grad for s in slots])
-        ops.copy([s.value for s in slots], [s.anchor for s in slots])
+        if not carry:  # overlapped: the carry pass writes x = x0 + (x - sent)
+            ops.copy([s.value for s in slots], [s.anchor for s in slots])
 
 
 # ---- inner optimizer state policies: the second section ---------------------------------------
@@ -125,7 +195,7 @@ class KeepState(StatePolicy):
 class ResetState(StatePolicy):
     """``'reset'``: zeroed at every sync."""
 
-    def after(self, ops, slots):
+    def after(self, ops, slots, carry=False):
         ops.zero([s for slot in slots for s in slot.states])
 
 
@@ -136,11 +206,18 @@ class AverageState(StatePolicy):
         for s, name in zip(slot.states, slot.state_names):
             b = bucket_for(s)
             b.add(b.states, s, f"inner optimizer state {label(name)}", ops.numel(s))
+        for s, sent in zip(slot.states, slot.states_sent):
+            bucket_for(s).state_sent.append(sent)
 
     def unpack(self, ops, bucket, buf, scale, offset, need_deviation):
         if bucket.states:
             ops.unpack_average(buf, bucket.states, scale, offset)
         return None
+
+    def carry(self, ops, bucket, buf, scale, offset):
+        if not bucket.states:
+            return None
+        return ops.overlap_average_pack(buf, bucket.states, bucket.state_sent, scale, offset)
 
 
 # ---- Local AdaAlter: the third section ----------------------------------------------------------
@@ -161,7 +238,7 @@ class AdaAlterDenominators(Component):
             ops.unpack_adaalter(buf, bucket.accumulators, bucket.denominators, scale, offset)
         return None
 
-    def after(self, ops, slots):
+    def after(self, ops, slots, carry=False):
         self.reset_local_steps()
 
     def restore(self, ops, slots):

@@ -35,6 +35,10 @@ class SyncConfig:
         adaalter: the inner optimizer is Local AdaAlter (its denominators sync too).
         local_period: two-level averaging: the ranks of a group (host) average every this
             many local steps, all ranks on the schedule; None: flat.
+        overlap: a round's sum travels while the next local steps run (one-round-delayed
+            averaging).
+        compression: None, ``'fp16'`` or ``'int8'``: syncs send each rank's change since the
+            last common point, quantised, with error feedback.
     """
 
     schedule: PeriodSchedule
@@ -47,12 +51,15 @@ class SyncConfig:
     nonfinite: str = "raise"
     adaalter: bool = False
     local_period: Optional[int] = None
+    overlap: bool = False
+    compression: Optional[str] = None
 
     @classmethod
     def from_arguments(cls, period: Union[int, float, PeriodSchedule, None], warmup_steps: Any,
                        state_policy: Any, algorithm: Any, slowmo_lr: Any, slowmo_momentum: Any,
                        outer: Any = None, nonfinite: Any = "raise",
-                       adaalter: bool = False, local_period: Any = None) -> "SyncConfig":
+                       adaalter: bool = False, local_period: Any = None,
+                       overlap: Any = False, compression: Any = None) -> "SyncConfig":
         """Check the user's arguments (each ``ValueError`` names its argument)."""
         schedule = make_schedule(period)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) \
@@ -94,8 +101,38 @@ class SyncConfig:
                     "(a hang). Use a step-based schedule (an int, Constant, Increasing, "
                     "Adaptive)")
             local_period = int(local_period)
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {overlap!r}")
+        if overlap:
+            why = None
+            if adaalter:
+                why = ("LocalAdaAlter: its denominators must be refreshed from the same round's "
+                       "averaged accumulators before the next local step; a delayed refresh is "
+                       "another algorithm")
+            elif nonfinite == "skip":
+                why = ("nonfinite='skip': a dropped round would have to undo the local progress "
+                       "made while it travelled; use nonfinite='raise'")
+            elif local_period is not None:
+                why = "local_period (two-level averaging) is not combined with overlap yet"
+            if why:
+                raise ValueError(f"overlap=True does not work with {why}")
+        if compression not in (None, "fp16", "int8"):
+            raise ValueError(f"compression must be None, 'fp16' or 'int8', got {compression!r}")
+        if compression:
+            why = None
+            if state_policy == "average":
+                why = ("state_policy='average': only parameter changes are compressed; use "
+                       "'keep' or 'reset'")
+            elif adaalter:
+                why = ("LocalAdaAlter: its accumulators are averaged uncompressed at every "
+                       "sync; only parameter changes are compressed")
+            elif nonfinite == "skip":
+                why = "nonfinite='skip' (a dropped round would have to undo the residual)"
+            if why:
+                raise ValueError(f"compression={compression!r} does not work with {why}")
         return cls(schedule, int(warmup_steps), state_policy, algorithm, float(slowmo_lr),
-                   float(slowmo_momentum), outer, nonfinite, bool(adaalter), local_period)
+                   float(slowmo_momentum), outer, nonfinite, bool(adaalter), local_period, overlap,
+                   compression)
 
     @property
     def has_outer(self) -> bool:
@@ -103,8 +140,9 @@ class SyncConfig:
 
     @property
     def needs_anchors(self) -> bool:
-        """SlowMo and outer optimizers keep an anchor x0 per parameter."""
-        return self.algorithm == "slowmo" or self.has_outer
+        """SlowMo and outer optimizers keep an anchor x0 per parameter; compression keeps the
+        common point c."""
+        return self.algorithm == "slowmo" or self.has_outer or self.compression is not None
 
     @property
     def needs_deviation(self) -> bool:
@@ -124,6 +162,8 @@ class SyncConfig:
               ("config", "outer optimizer", outer_description),
               ("config", "nonfinite", self.nonfinite),
               ("config", "local_period", self.local_period),
+              ("config", "overlap", True if self.overlap else None),  # old checkpoints: None
+              ("config", "compression", self.compression),
               ("config", f"number of synced {tensor_kind}s", len(tensors))]
         fp += [(tensor_kind, name, (tuple(shape), dtype)) for name, shape, dtype in tensors]
         return fp

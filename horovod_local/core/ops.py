@@ -36,6 +36,9 @@ class ParamSlot:
     accumulator: Any = None  # Local AdaAlter A2
     denominator: Any = None  # Local AdaAlter B2
     last_good: Any = None  # nonfinite='skip': the last good average
+    sent: Any = None  # overlap=True: what this rank sent in the round in flight (acc dtype)
+    states_sent: Sequence[Any] = ()  # overlap=True, state_policy='average': the same for states
+    residual: Any = None  # compression: this rank's error-feedback residual e (acc dtype)
 
 
 @dataclass
@@ -54,6 +57,9 @@ class Bucket:
     states: list = field(default_factory=list)
     accumulators: list = field(default_factory=list)
     denominators: list = field(default_factory=list)
+    sent: list = field(default_factory=list)  # overlap: parallel to params
+    state_sent: list = field(default_factory=list)  # overlap: parallel to states
+    residuals: list = field(default_factory=list)  # compression: parallel to params
     labels: list = field(default_factory=list)  # what each travelling tensor is, buffer order
     sizes: list = field(default_factory=list)  # numel of each travelling tensor, buffer order
     has_control: bool = False
@@ -138,6 +144,83 @@ class SyncOps:
 
     def nbytes(self, buf: Any) -> int:
         """Bytes a packed buffer puts on the wire (Python int)."""
+        raise NotImplementedError
+
+    # ---- overlapped rounds (eager backends only) ----------------------------------------------
+    def allreduce_start(self, buckets: Sequence[Bucket], bufs: Sequence[Any], what: str,
+                        step: Any) -> Any:
+        """Start the sums of :meth:`allreduce_sum` without waiting; returns a handle."""
+        raise NotImplementedError("this backend cannot keep a round in flight (overlap=True)")
+
+    def allreduce_finish(self, handle: Any) -> list:
+        """Wait for :meth:`allreduce_start`'s sums; returns the summed buffers."""
+        raise NotImplementedError
+
+    def finish_pack(self, bucket: Bucket, buf: Any, guard: Any, control: Sequence[Any]) -> None:
+        """After the carry ops wrote a bucket's sections: the control elements and the
+        backend's extras (``guard``: the max of what the carry ops returned)."""
+        raise NotImplementedError
+
+    def overlap_average_pack(self, buf: Any, tensors: list, sent: list, scale: float,
+                             offset: int) -> Any:
+        raise NotImplementedError
+
+    def carry_pack(self, bases: list, tensors: list, sent: list, buf: Any, offset: int) -> Any:
+        raise NotImplementedError
+
+    def overlap_deviation(self, buf: Any, tensors: list, sent: list, scale: float,
+                          offset: int) -> Any:
+        """``sum((float64(T(buf * scale)) - float64(sent))**2)`` over a section."""
+        raise NotImplementedError
+
+    # ---- compressed syncs (eager backends only) ------------------------------------------------
+    def compress(self, mode: str, bucket: Bucket, control: Sequence[Any]) -> Any:
+        """This rank's compressed send of ``bucket`` (``d = (x - c) + e`` quantised, ``e``
+        updated; ``mode`` 'fp16' | 'int8'), with the control elements."""
+        raise NotImplementedError("this backend has no compressed syncs")
+
+    def compressed_start(self, mode: str, buckets: Sequence[Bucket], wire: Sequence[Any],
+                         what: str, step: Any) -> Any:
+        """Start the collectives of compressed sends (fp16: sum; int8: allgather)."""
+        raise NotImplementedError
+
+    def compressed_finish(self, handle: Any) -> tuple[list, float]:
+        """Wait; returns per bucket a buffer laid out as a summed one (``[delta sum or mean |
+        control sums | guard]``) and the scale that turns it into the mean delta."""
+        raise NotImplementedError
+
+    def unpack_delta_average(self, buf: Any, tensors: list, anchors: list, scale: float,
+                             offset: int) -> None:
+        """``c = c + acc(buf) * scale; x = T(c)``."""
+        raise NotImplementedError
+
+    def add_delta(self, anchors: list, buf: Any, scale: float, offset: int) -> None:
+        """``c = c + acc(buf) * scale``."""
+        raise NotImplementedError
+
+    def delta_pseudo_grad(self, buf: Any, anchors: list, grads: list, scale: float,
+                          offset: int) -> None:
+        """``g = x0 - (x0 + acc(buf) * scale)`` (the pseudo-gradient of ``x_avg = c + delta``)."""
+        raise NotImplementedError
+
+    def delta_deviation(self, buf: Any, tensors: list, anchors: list, scale: float,
+                        offset: int) -> Any:
+        """``sum((float64(T(c + acc(buf) * scale)) - float64(t))**2)``."""
+        raise NotImplementedError
+
+    def carry(self, bases: list, tensors: list, sent: list) -> None:
+        """``x = T(base + (acc(x) - s)); s = acc(x)`` (``carry_pack`` without a send)."""
+        raise NotImplementedError
+
+    def overlap_delta_send_fp16(self, bucket: Bucket, summed: Any, scale: float) -> Any:
+        """Overlapped fp16 model averaging, fused: complete the round in ``summed`` and write
+        the next send into it; returns the guard."""
+        raise NotImplementedError
+
+    def slowmo_step(self, anchors: list, momenta: list, grads: list, lrs: list, alpha: float,
+                    beta: float) -> None:
+        """``u = beta*u + g/lr; x0 = x0 - (alpha*lr)*u`` (``unpack_slowmo``'s arithmetic,
+        from a pseudo-gradient ``g = x0 - x_avg`` already computed)."""
         raise NotImplementedError
 
     def elements(self, buf: Any, index: int, count: int) -> list:

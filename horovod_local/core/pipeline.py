@@ -61,6 +61,23 @@ class LocalRoundResult:
     applied: Any
 
 
+@dataclass
+class InFlight:
+    """An overlapped round on its way (``overlap=True``): the backend's handle, or, once
+    settled (``state_dict()``, a loaded checkpoint), the summed buffers themselves."""
+
+    handle: Any
+    summed: Optional[list]
+    control: tuple  # what this rank sent: (joined, round number, explicit)
+    modulus: int
+    step: Any
+    layout: list  # (dtype name, sizes) per bucket: the completion must see the same layout
+
+
+def _layout(buckets: Sequence[Bucket]) -> list:
+    return [(b.dtype_name, list(b.sizes)) for b in buckets]
+
+
 class _NoSchedule:
     needs_deviation = False
 
@@ -90,6 +107,7 @@ class RoundPipeline:
                  reset_adaalter: Optional[Callable[[], Any]] = None) -> None:
         self.config, self.ops, self.counters = config, ops, counters
         self.components: list[Component] = components_for(config, outer_step, reset_adaalter)
+        self.in_flight: Optional[InFlight] = None
 
     @classmethod
     def for_groups(cls, config: SyncConfig, ops: SyncOps, counters: Counters) -> "RoundPipeline":
@@ -98,6 +116,7 @@ class RoundPipeline:
         pipe = cls.__new__(cls)
         pipe.config, pipe.ops, pipe.counters = config, ops, counters
         pipe.components = local_components(config)
+        pipe.in_flight = None
         return pipe
 
     # ---- 1. plan ---------------------------------------------------------------------------
@@ -145,7 +164,8 @@ class RoundPipeline:
         """(this rank's round number mod M, M): rounds entered before this one (syncs and
         dropped rounds; join rounds are syncs); M = 0 when the check is off."""
         b = next(b for b in buckets if b.has_control)
-        m = protocol.round_modulus(b.dtype_name, self.ops.size())
+        wire = {"fp16": "float16", "int8": "float32"}.get(self.config.compression, b.dtype_name)
+        m = protocol.round_modulus(wire, self.ops.size())
         if not m:
             return 0, 0
         rounds = self.counters.get("syncs") + self.counters.get("skipped_rounds")
@@ -252,6 +272,197 @@ class RoundPipeline:
         self.counters.set("local_steps", 0)
         self.counters.add("bytes_sent", nbytes)
         return RoundResult(joined=ctrl, applied=applied)
+
+    # ---- an overlapped round (overlap=True) --------------------------------------------------
+    def overlapped_round(self, slots: Sequence[ParamSlot], *, step: Any, lr: Any,
+                         schedule: ScheduleHook, start: bool = True) -> None:
+        """A round boundary with ``overlap=True`` (SEMANTICS.md, "Overlapped rounds"): complete
+        the round in flight, if any (checks, outer step, ``x = avg + (x - sent)``), pack the
+        next send in the same pass, and (``start``) start its sum without waiting. With
+        ``start=False`` (``join()``, ``average_parameters()``) only the completion runs."""
+        ops, t0 = self.ops, self.ops.now()
+        mode = self.config.compression
+        buckets = self.plan(slots)
+        prev, self.in_flight = self.in_flight, None
+        if prev is None and not start:
+            return
+        fused = start and self._fused_fp16
+        summed = None if prev is None else self._complete(prev, slots, buckets, step, lr,
+                                                          schedule, fused)
+        if not start:
+            if mode is None:
+                self._carry(buckets, summed)  # the next send is never started
+            else:
+                for b in buckets:
+                    ops.carry(b.anchors, b.params, b.sent)
+            self.counters.add("sync_seconds", ops.now() - t0)
+            return
+        if not schedule.needs_deviation:  # the flat case's boundaries (Increasing)
+            schedule.on_sync(step=step, lr=lr, local_steps=self.counters.get("local_steps"),
+                             deviation=None)
+        mine, m = self.round_number(buckets)  # after the completion: it counts as a sync
+        control = (0.0, mine, 0.0)
+        if mode is None:
+            if summed is None:
+                bufs = [ops.pack(b, control) for b in buckets]
+                for b in buckets:
+                    ops.copy(b.sent + b.state_sent, b.params + b.states)
+            else:
+                bufs = summed
+                for b, buf, g in zip(buckets, bufs, self._carry(buckets, bufs)):
+                    ops.finish_pack(b, buf, g, control)
+            handle = ops.allreduce_start(buckets, bufs, "overlapped sync round", step)
+        else:
+            bufs = self._delta_send(summed, buckets, control)
+            handle = ops.compressed_start(mode, buckets, bufs, "overlapped sync round", step)
+        self.in_flight = InFlight(handle, None, control, m, step, _layout(buckets))
+        self.counters.set("local_steps", 0)
+        self.counters.add("bytes_sent", sum(ops.nbytes(buf) for buf in bufs))
+        self.counters.add("sync_seconds", ops.now() - t0)
+
+    def settle(self) -> Optional[InFlight]:
+        """Wait for the round in flight without applying it (``state_dict()``): afterwards it
+        holds the summed buffers, which a checkpoint can store."""
+        fl = self.in_flight
+        if fl is not None and fl.summed is None:
+            fl.summed, fl.handle = self._finish(fl.handle), None
+        return fl
+
+    def _complete(self, prev: InFlight, slots, buckets, step, lr, schedule,
+                  fused: bool = False) -> list:
+        """Phase 1 of a completion: wait, check, outer step; returns the summed buffers."""
+        ops, n = self.ops, self.ops.size()
+        summed = prev.summed if prev.summed is not None else self._finish(prev.handle)
+        if _layout(buckets) != prev.layout:
+            raise RuntimeError("horovod_local: the synced tensors changed while an overlapped "
+                               "round was in flight (inner optimizer state created since?); "
+                               "with overlap=True, create the optimizer state before the first "
+                               "round (a first step) or use state_policy='keep'/'reset'")
+        b = next(b for b in buckets if b.has_control)
+        s = summed[buckets.index(b)]
+        ctrl, rounds, explicits = ops.elements(s, b.control_index(), 3)
+        self.check_round_kind(ctrl, gradient_round=False)
+        self.check_round_number(rounds, prev.control[1], prev.modulus)
+        ops.check(protocol.explicit_rounds_agree(explicits, ctrl, n, False), RuntimeError,
+                  lambda: protocol.EXPLICIT_MISMATCH)
+        for comp in self.components:
+            comp.check(ops, buckets)
+        self.verify_finite(buckets, summed, prev.step, "sync")  # 'raise' (config refuses skip)
+        mode = self.config.compression
+        scale = self._delta_scale if mode else 1.0 / n
+        need_dev = bool(schedule.needs_deviation)
+        deviation = 0.0
+        for bk, buf in zip(buckets, summed):
+            if need_dev:
+                deviation += (ops.delta_deviation(buf, bk.sent, bk.anchors, scale, 0) if mode
+                              else ops.overlap_deviation(buf, bk.params, bk.sent, scale, 0))
+            if mode:
+                if not fused:  # else the fused carry-and-send completes it
+                    self.components[0].complete_delta(ops, bk, buf, scale)
+                continue
+            offset = 0
+            for comp, section in zip(self.components, bk.sections()):
+                comp.complete(ops, bk, buf, scale, offset)
+                offset += bk.section_numel(section)
+        for comp in self.components:
+            comp.after(ops, slots, carry=True)
+        if need_dev:  # ADPSGD updates at completion; other schedules when a round starts
+            deviation = ops.mean_scalar(deviation)
+            self.counters.set("last_deviation", deviation)
+            schedule.on_sync(step=step, lr=lr, local_steps=self.counters.get("local_steps"),
+                             deviation=deviation)
+        self.counters.add("syncs", 1)
+        return list(summed)
+
+    @property
+    def _fused_fp16(self) -> bool:
+        """Overlapped fp16 model averaging: completion, carry and send in one kernel pass."""
+        return self.config.compression == "fp16" and isinstance(self.components[0],
+                                                                ModelAverage)
+
+    def _finish(self, handle: Any) -> list:
+        if self.config.compression is None:
+            return self.ops.allreduce_finish(handle)
+        return self.ops.compressed_finish(handle)[0]
+
+    @property
+    def _delta_scale(self) -> float:
+        """What turns a finished compressed exchange into the mean delta: the fp16 sum times
+        1/n; the int8 exchange arrives as the mean."""
+        return 1.0 / self.ops.size() if self.config.compression == "fp16" else 1.0
+
+    def _delta_send(self, summed, buckets, control) -> list:
+        """Overlapped compressed rounds, after the completion of the round in ``summed`` (None:
+        the first round): ``x = T(c + (x - sent))``, then this round's compressed send
+        (``sent = x``)."""
+        ops, mode = self.ops, self.config.compression
+        if summed is not None and self._fused_fp16:  # (_complete left c to this pass)
+            for b, buf in zip(buckets, summed):
+                ops.finish_pack(b, buf, [ops.overlap_delta_send_fp16(b, buf, self._delta_scale)],
+                                control)
+            return summed
+        for b in buckets:
+            if summed is None:
+                ops.copy(b.sent, b.params)
+            else:
+                ops.carry(b.anchors, b.params, b.sent)
+        return [ops.compress(mode, b, control) for b in buckets]
+
+    # ---- a compressed blocking round ----------------------------------------------------------
+    def compressed_round(self, slots: Sequence[ParamSlot], *, joined: Any, step: Any, lr: Any,
+                         schedule: ScheduleHook, explicit: bool = False) -> RoundResult:
+        """A blocking round with ``compression`` (SEMANTICS.md, "Compressed syncs"): each rank
+        sends its change since the common point c with error feedback; ``x_avg = c + mean
+        delta``, then the algorithm."""
+        ops, t0, mode, n = self.ops, self.ops.now(), self.config.compression, self.ops.size()
+        buckets = self.plan(slots)
+        mine, m = self.round_number(buckets)
+        control = (joined, mine, 1.0 if explicit else 0.0)
+        wire = [ops.compress(mode, b, control) for b in buckets]
+        nbytes = sum(ops.nbytes(w) for w in wire)
+        summed, scale = ops.compressed_finish(
+            ops.compressed_start(mode, buckets, wire, "sync round", step))
+        b = next(b for b in buckets if b.has_control)
+        ctrl, rounds, explicits = ops.elements(summed[buckets.index(b)], b.control_index(), 3)
+        self.check_round_kind(ctrl, gradient_round=False)
+        self.check_round_number(rounds, mine, m)
+        ops.check(protocol.explicit_rounds_agree(explicits, ctrl, n, explicit), RuntimeError,
+                  lambda: protocol.EXPLICIT_MISMATCH)
+        for comp in self.components:
+            comp.check(ops, buckets)
+        self.verify_finite(buckets, summed, step, "sync")  # 'raise' (config refuses skip)
+        need_dev = bool(schedule.needs_deviation)
+        deviation = 0.0
+        for bk, buf in zip(buckets, summed):
+            if need_dev:
+                deviation += ops.delta_deviation(buf, bk.params, bk.anchors, scale, 0)
+            self.components[0].apply_delta(ops, bk, buf, scale)
+        for comp in self.components:
+            comp.after(ops, slots)
+        if need_dev:
+            deviation = ops.mean_scalar(deviation)
+            self.counters.set("last_deviation", deviation)
+        schedule.on_sync(step=step, lr=lr, local_steps=self.counters.get("local_steps"),
+                         deviation=deviation if need_dev else None)
+        self.counters.add("syncs", 1)
+        self.counters.set("local_steps", 0)
+        self.counters.add("bytes_sent", nbytes)
+        self.counters.add("sync_seconds", ops.now() - t0)
+        return RoundResult(joined=ctrl, applied=ops.true())
+
+    def _carry(self, buckets, bufs) -> list:
+        """Phase 2: ``x = avg + (x - sent)`` (or ``x0 + (x - sent)``) and the next pack, one
+        pass per section; returns each bucket's guard."""
+        scale, guards = 1.0 / self.ops.size(), []
+        for bk, buf in zip(buckets, bufs):
+            offset, gs = 0, []
+            for comp, section in zip(self.components, bk.sections()):
+                g = comp.carry(self.ops, bk, buf, scale, offset)
+                if g is not None:
+                    gs.append(g)
+                offset += bk.section_numel(section)
+            guards.append(gs)
+        return guards
 
     def local_round(self, slots: Sequence[ParamSlot], *, joined: Any, wants_global: Any,
                     step: Any) -> LocalRoundResult:

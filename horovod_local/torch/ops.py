@@ -69,11 +69,13 @@ class TorchOps(SyncOps):
         return time.perf_counter()
 
     # ---- buffers --------------------------------------------------------------------------------
-    def _buffer(self, dtype: torch.dtype, numel: int, device: torch.device) -> torch.Tensor:
-        buf = self._buffers.get(dtype)
-        if buf is None or buf.numel() != numel or buf.device != device:
+    def _buffer(self, dtype: torch.dtype, numel: int, device: torch.device,
+                key: Any = None) -> torch.Tensor:
+        key = dtype if key is None else key
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() != numel or buf.device != device or buf.dtype != dtype:
             buf = torch.empty(numel, dtype=dtype, device=device)
-            self._buffers[dtype] = buf
+            self._buffers[key] = buf
         return buf
 
     def pack(self, bucket: Bucket, control: Sequence[Any]) -> torch.Tensor:
@@ -104,15 +106,179 @@ class TorchOps(SyncOps):
                 buf.copy_(w)
         return list(bufs)
 
+    def allreduce_start(self, buckets, bufs, what, step):
+        hvd = _hvd()
+        wire = [buf.float() if buf.dtype == torch.bfloat16 else buf for buf in bufs]
+        with self.naming_lost_ranks(f"the start of the {what} at step {step}"):
+            handles = [hvd.allreduce_async_(w, name=protocol.SYNC_NAME.format(b.dtype_name),
+                                            op=hvd.Sum, process_set=self.process_set)
+                       for b, w in zip(buckets, wire)]
+        return handles, list(bufs), wire, what, step
+
+    def allreduce_finish(self, handle):
+        hvd = _hvd()
+        handles, bufs, wire, what, step = handle
+        with self.naming_lost_ranks(f"the {what} started at step {step}"), \
+                round_watchdog(f"the {what} started at step {step}", hvd.rank(), self.ranks()):
+            for h in handles:
+                hvd.synchronize(h)
+        for buf, w in zip(bufs, wire):
+            if w is not buf:
+                buf.copy_(w)
+        return bufs
+
+    def finish_pack(self, bucket, buf, guard, control):
+        n = bucket.data_numel()
+        if bucket.has_control:
+            for i, c in enumerate(control):
+                buf[n + i] = c
+        if guard is not None:
+            g = max(guard, default=0.0) if all(math.isfinite(x) for x in guard) else math.nan
+            buf[-1] = g
+
+    def overlap_average_pack(self, buf, tensors, sent, scale, offset):
+        return K.overlap_average_pack(buf, tensors, sent, scale, offset)
+
+    def carry_pack(self, bases, tensors, sent, buf, offset):
+        return K.carry_pack(bases, tensors, sent, buf, offset)
+
+    def overlap_deviation(self, buf, tensors, sent, scale, offset):
+        total, off = 0.0, offset
+        acc = K.state_dtype(buf.dtype)
+        inv = torch.tensor(scale, dtype=acc)
+        for t, s in zip(tensors, sent):
+            k = t.numel()
+            avg = (buf[off: off + k].to(acc) * inv).to(t.dtype)
+            total += float(((avg.double() - s.reshape(-1).double()) ** 2).sum())
+            off += k
+        return total
+
+    # ---- compressed syncs ----------------------------------------------------------------------
+    # fp16: the bucket's float16 buffer [q | control | guard], summed by an allreduce.
+    # int8: one uint8 payload per rank [scales (acc) | control (3 x float32, 16 bytes) | q],
+    # allgathered; the mean delta is rebuilt in an acc buffer [delta | control sums | guard].
+    def _int8_layout(self, bucket: Bucket) -> tuple[int, int, int, torch.dtype]:
+        acc = K.state_dtype(bucket.dtype)
+        nb = K.int8_num_blocks(bucket.sizes)
+        s_bytes = nb * torch.finfo(acc).bits // 8
+        return nb, s_bytes, s_bytes + 16 + bucket.data_numel(), acc
+
+    def compress(self, mode, bucket, control):
+        params, n = bucket.params, bucket.data_numel()
+        dev = params[0].device
+        if mode == "fp16":
+            buf = self._buffer(torch.float16, n + bucket.control_numel() + 1, dev,
+                               key=("fp16", bucket.dtype_name))
+            guard = K.pack_delta_fp16(params, bucket.anchors, bucket.residuals, buf, 0)
+            self.finish_pack(bucket, buf, [guard], control)
+            return buf
+        nb, s_bytes, total, acc = self._int8_layout(bucket)
+        buf = self._buffer(torch.uint8, total, dev, key=("int8", bucket.dtype_name))
+        K.quantize_int8(params, bucket.anchors, bucket.residuals,
+                        buf[s_bytes + 16:].view(torch.int8), buf[:s_bytes].view(acc), 0, 0)
+        ctrl = buf[s_bytes: s_bytes + 12].view(torch.float32)
+        ctrl.copy_(torch.tensor(list(control) if bucket.has_control else [0.0] * 3,
+                                dtype=torch.float32))
+        return buf
+
+    def compressed_start(self, mode, buckets, wire, what, step):
+        hvd = _hvd()
+        with self.naming_lost_ranks(f"the start of the {what} at step {step}"):
+            if mode == "fp16":
+                handles = [hvd.allreduce_async_(
+                    w, name=protocol.SYNC_NAME.format(b.dtype_name + ".fp16"), op=hvd.Sum,
+                    process_set=self.process_set) for b, w in zip(buckets, wire)]
+            else:
+                handles = [hvd.allgather_async(
+                    w, name=protocol.SYNC_NAME.format(b.dtype_name + ".int8"),
+                    process_set=self.process_set) for b, w in zip(buckets, wire)]
+        return mode, buckets, list(wire), handles, what, step
+
+    def compressed_finish(self, handle):
+        hvd = _hvd()
+        mode, buckets, wire, handles, what, step = handle
+        with self.naming_lost_ranks(f"the {what} started at step {step}"), \
+                round_watchdog(f"the {what} started at step {step}", hvd.rank(), self.ranks()):
+            outs = [hvd.synchronize(h) for h in handles]
+        n = self.size()
+        if mode == "fp16":
+            return list(wire), 1.0 / n
+        summed = []
+        for b, g in zip(buckets, outs):
+            nb, s_bytes, total, acc = self._int8_layout(b)
+            g = g.view(n, total)
+            k = b.data_numel()
+            out = torch.empty(k + b.control_numel() + 1, dtype=acc, device=g.device)
+            K.dequantize_int8_mean(g[:, s_bytes + 16:].contiguous().view(torch.int8),
+                                   g[:, :s_bytes].contiguous().view(acc), out, 1.0 / n,
+                                   b.sizes, 0, 0, 0)
+            if b.has_control:
+                ctrl = g[:, s_bytes: s_bytes + 12].contiguous().view(torch.float32)
+                out[k: k + 3] = ctrl.double().sum(0).to(acc)
+            delta = out[:k]
+            out[-1] = delta.abs().max() if k and bool(torch.isfinite(delta).all()) else (
+                0.0 if not k else math.nan)
+            summed.append(out)
+        return summed, 1.0
+
+    def unpack_delta_average(self, buf, tensors, anchors, scale, offset):
+        K.unpack_delta_average(buf, tensors, anchors, scale, offset)
+
+    def _x_avg(self, buf, c, scale, off):
+        k = c.numel()
+        d = buf[off: off + k].to(c.dtype) * torch.tensor(scale, dtype=c.dtype)
+        return c + d.view_as(c)  # each op rounded in acc, as the kernels
+
+    def add_delta(self, anchors, buf, scale, offset):
+        off = offset
+        for c in anchors:
+            c.copy_(self._x_avg(buf, c, scale, off))
+            off += c.numel()
+
+    def delta_pseudo_grad(self, buf, anchors, grads, scale, offset):
+        off = offset
+        for c, g in zip(anchors, grads):
+            g.copy_(c - self._x_avg(buf, c, scale, off))
+            off += c.numel()
+
+    def delta_deviation(self, buf, tensors, anchors, scale, offset):
+        total, off = 0.0, offset
+        for t, c in zip(tensors, anchors):
+            avg = self._x_avg(buf, c, scale, off)
+            if t.dtype != c.dtype and t.dtype in FLOAT_DTYPES:  # T(x_avg) for 16-bit params
+                avg = avg.to(t.dtype)
+            total += float(((avg.double() - t.double()) ** 2).sum())
+            off += c.numel()
+        return total
+
+    def carry(self, bases, tensors, sent):
+        for b, t, s in zip(bases, tensors, sent):
+            x = (b + (t.to(s.dtype) - s)).to(t.dtype)
+            t.copy_(x)
+            s.copy_(x)
+
+    def overlap_delta_send_fp16(self, bucket, summed, scale):
+        return K.overlap_delta_pack_fp16(summed, bucket.params, bucket.anchors, bucket.sent,
+                                         bucket.residuals, scale, 0)
+
+    def slowmo_step(self, anchors, momenta, grads, lrs, alpha, beta):
+        for x0, u, g, lr in zip(anchors, momenta, grads, lrs):
+            # unpack_slowmo's order and roundings: u = acc(beta)*u; u = u + g/acc(lr);
+            # x0 = x0 - acc(alpha*lr)*u (alpha*lr in float64, then rounded)
+            u.mul_(torch.tensor(beta, dtype=u.dtype))
+            u.add_(g / torch.tensor(float(lr), dtype=u.dtype))
+            x0.sub_(torch.tensor(alpha * float(lr), dtype=x0.dtype) * u)
+
     def nbytes(self, buf):
         return buf.numel() * (4 if buf.dtype == torch.bfloat16 else buf.element_size())
+
 
     def elements(self, buf, index, count):
         return buf[index: index + count].tolist()  # one read for the control elements
 
     def proves_finite(self, bucket, buf):
         guard = float(buf[-1])
-        return math.isfinite(guard) and guard <= torch.finfo(bucket.dtype).max / 2
+        return math.isfinite(guard) and guard <= torch.finfo(buf.dtype).max / 2
 
     def locate_nonfinite(self, bucket, buf):
         data = buf[: bucket.control_index() + bucket.control_numel()]

@@ -13,7 +13,7 @@ import torch
 from horovod_local.core.config import SyncConfig
 from horovod_local.core.groups import local_process_set
 from horovod_local.core.ops import ParamSlot
-from horovod_local.core.pipeline import RoundPipeline
+from horovod_local.core.pipeline import InFlight, RoundPipeline
 from horovod_local.peer_failure import start_heartbeat
 from horovod_local.replicas import check_fingerprints
 from horovod_local.schedules import PeriodSchedule
@@ -86,6 +86,9 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         self._hl_anchors: Optional[list[torch.Tensor]] = None  # SlowMo / outer x0
         self._hl_momenta: Optional[list[torch.Tensor]] = None  # SlowMo u
         self._hl_last_good: Optional[list[torch.Tensor]] = None  # nonfinite='skip' only
+        self._hl_sent: Optional[list[torch.Tensor]] = None  # overlap: what the round in flight sent
+        self._hl_residuals: Optional[list[torch.Tensor]] = None  # compression: error feedback e
+        self._hl_state_sent: dict = {}  # overlap + state_policy='average': (param, key) -> sent
         self._hl_stats = SyncStats(period=self._hl_schedule.period)
         self._hl_round_start: Optional[float] = None
         self._hl_grads_averaged: Optional[bool] = None  # synchronize() in warm-up: its result
@@ -158,6 +161,7 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         # the inner state is acted on only by 'average' / 'reset' and a dropped round
         want_states = cfg.state_policy != "keep" or cfg.nonfinite == "skip"
         anchors, momenta, good = self._hl_anchors, self._hl_momenta, self._hl_last_good
+        sent = self._hl_sent
         names = self._hl_names
         slots, i = [], 0
         for g in self.param_groups:
@@ -173,12 +177,24 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
                     pseudo_grad=anchor.grad if anchor is not None else None,
                     states=[v for _, v in states],
                     state_names=[f"{names[p]}.{k}" for k, _ in states],
-                    last_good=good[i] if good is not None else None))
+                    last_good=good[i] if good is not None else None,
+                    sent=sent[i] if sent is not None else None,
+                    residual=self._hl_residuals[i] if self._hl_residuals is not None else None,
+                    states_sent=[self._hl_state_sent_of(i, k, v) for k, v in states]
+                    if sent is not None and cfg.state_policy == "average" else ()))
                 i += 1
         if cfg.adaalter:
             for slot, (a2, b2) in zip(slots, self.accumulator_pairs(self._hl_params())):
                 slot.accumulator, slot.denominator = a2, b2
         return slots
+
+    def _hl_state_sent_of(self, i: int, key: str, state: torch.Tensor) -> torch.Tensor:
+        """overlap + state_policy='average': the sent copy of a state tensor (acc dtype)."""
+        t = self._hl_state_sent.get((i, key))
+        if t is None or t.shape != state.shape or t.device != state.device:
+            t = self._hl_state_sent[(i, key)] = torch.zeros_like(
+                state, dtype=state_dtype(state.dtype))
+        return t
 
     def _hl_gradient_slots(self) -> list[ParamSlot]:
         out = []
@@ -248,7 +264,10 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
                 local = self._hl_local_round(joined=False, wants_global=due)
                 due = local.wants_global > 0.5  # the group's decision (the same on its ranks)
         if due:
-            self._hl_sync_round(joined=False)
+            if self._hl_config.overlap:
+                self._hl_overlapped_round()
+            else:
+                self._hl_sync_round(joined=False)
         return loss
 
     @torch.no_grad()
@@ -301,16 +320,30 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             self._hl_last_good = [p.detach().clone() for p in self._hl_params()]
         if self._hl_round_start is None:
             self._hl_round_start = time.perf_counter()
+        if self._hl_config.overlap and self._hl_sent is None:
+            self._hl_sent = [torch.zeros_like(p, dtype=state_dtype(p.dtype))
+                             for p in self._hl_params()]
 
     @torch.no_grad()
     def _hl_make_anchors(self) -> None:
         params = self._hl_params()
         # x0 in fp32 (fp64 for fp64 parameters), as SlowMo keeps its slow model.
         self._hl_anchors = [p.detach().to(state_dtype(p.dtype), copy=True) for p in params]
-        if self._hl_config.algorithm == "slowmo":
+        cfg = self._hl_config
+        if cfg.compression:  # the anchors are the common point c; e starts at zero
+            self._hl_residuals = [torch.zeros_like(a) for a in self._hl_anchors]
+        if cfg.algorithm == "slowmo":
             self._hl_momenta = [torch.zeros_like(a) for a in self._hl_anchors]
-        else:
+            self._hl_slowmo_scratch()
+        elif cfg.has_outer:
             self._hl_make_outer()
+
+    def _hl_slowmo_scratch(self) -> None:
+        """SlowMo with overlap or compression: the pseudo-gradient goes here before the
+        SlowMo step (the fused blocking unpack needs none)."""
+        if self._hl_config.overlap or self._hl_config.compression:
+            for a in self._hl_anchors:
+                a.grad = torch.zeros_like(a)
 
     def _hl_make_outer(self) -> None:
         for a in self._hl_anchors:  # where the fused unpack writes the pseudo-gradient
@@ -346,12 +379,30 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         ``explicit``: an ``average_parameters()`` round (every rank must be in one)."""
         self._hl_maybe_start_round()
         self._hl_maybe_agree_on_state()
-        result = self._hl_pipeline.sync_round(
+        pipe = self._hl_pipeline
+        result = (pipe.compressed_round if self._hl_config.compression else pipe.sync_round)(
             self._hl_slots(), joined=1.0 if joined else 0.0, step=self._hl_stats.steps,
             lr=self.param_groups[0]["lr"], schedule=_ScheduleHook(self), explicit=explicit)
         self._hl_round_start = time.perf_counter()
         self._hl_stats.local_round_steps = 0
         return int(round(result.joined))
+
+    @torch.no_grad()
+    def _hl_overlapped_round(self, start: bool = True) -> None:
+        """overlap=True: complete the round in flight and start the next (``start``)."""
+        self._hl_maybe_start_round()
+        self._hl_maybe_agree_on_state()
+        self._hl_pipeline.overlapped_round(
+            self._hl_slots(), step=self._hl_stats.steps, lr=self.param_groups[0]["lr"],
+            schedule=_ScheduleHook(self), start=start)
+        if start:
+            self._hl_round_start = time.perf_counter()
+
+    def _hl_complete_in_flight(self) -> None:
+        """Before a blocking round (join, average_parameters): complete the overlapped round
+        in flight, so that no round is lost."""
+        if self._hl_pipeline.in_flight is not None:
+            self._hl_overlapped_round(start=False)
 
     @torch.no_grad()
     def _hl_local_round(self, joined: bool, wants_global: bool):
@@ -394,10 +445,12 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
     def average_parameters(self) -> None:
         """Average the model (and synced state) over the ranks now: one sync round.
         Collective: every rank of the process set must call it. Used with
-        ``period=math.inf`` and at the end of training."""
+        ``period=math.inf`` and at the end of training (with ``overlap=True`` it first
+        completes the round in flight)."""
         if self._should_allreduce_gradients():
             raise RuntimeError("horovod_local: average_parameters() during warm-up; replicas "
                                "are already identical while gradients are allreduced every step")
+        self._hl_complete_in_flight()
         self._hl_sync_round(joined=False, explicit=True)
 
     def join(self) -> None:
@@ -405,6 +458,7 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         ranks have joined, then every rank holds the same averaged model. Collective over the
         epoch: every rank calls it once when its data ends, whatever its step count (time-budget
         rounds, uneven shards). After it, training can go on (the next epoch)."""
+        self._hl_complete_in_flight()
         if self._hl_local_pipeline is None:
             while self._hl_sync_round(joined=True) < self._hl_size:
                 pass
@@ -491,8 +545,22 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             "seconds_into_round": (time.perf_counter() - self._hl_round_start)
             if self._hl_round_start is not None else None,
             "config": self._hl_config_description(),
+            "in_flight": self._hl_in_flight_state(),
+            "residuals": None if self._hl_residuals is None
+            else [e.clone() for e in self._hl_residuals],
         }
         return sd
+
+    def _hl_in_flight_state(self) -> Optional[dict]:
+        """overlap=True: the round in flight, waited for (not applied), so that a resume
+        completes it at the next boundary exactly as this run would (SEMANTICS.md)."""
+        fl = self._hl_pipeline.settle()
+        if fl is None:
+            return None
+        return {"summed": [b.clone() for b in fl.summed], "control": fl.control,
+                "modulus": fl.modulus, "step": fl.step, "layout": fl.layout,
+                "sent": [t.clone() for t in self._hl_sent],
+                "state_sent": {k: t.clone() for k, t in self._hl_state_sent.items()}}
 
     def _hl_config_description(self) -> dict:
         """What a checkpoint must agree on to be loaded here (the fingerprint's configuration)."""
@@ -529,13 +597,25 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             self._hl_anchors = [a.to(p.device).clone() for a, p in zip(ours["anchors"], params)]
             if ours["momenta"] is not None:
                 self._hl_momenta = [m.to(p.device).clone() for m, p in zip(ours["momenta"], params)]
-            else:
+                self._hl_slowmo_scratch()
+            elif ours["outer"] is not None:
                 self._hl_make_outer()
                 self._hl_outer.load_state_dict(ours["outer"])
+        if ours.get("residuals") is not None:
+            self._hl_residuals = [e.to(p.device).clone() for e, p in zip(ours["residuals"], params)]
         if ours.get("last_good") is not None:
             self._hl_last_good = [g.to(p.device).clone() for g, p in zip(ours["last_good"], params)]
         if ours["seconds_into_round"] is not None:
             self._hl_round_start = time.perf_counter() - ours["seconds_into_round"]
+        fl = ours.get("in_flight")
+        self._hl_pipeline.in_flight = None
+        if fl is not None:
+            self._hl_sent = [t.to(p.device).clone() for t, p in zip(fl["sent"], params)]
+            self._hl_state_sent = {k: t.to(params[k[0]].device).clone()
+                                   for k, t in fl["state_sent"].items()}
+            self._hl_pipeline.in_flight = InFlight(
+                None, [b.to(params[0].device).clone() for b in fl["summed"]],
+                tuple(fl["control"]), fl["modulus"], fl["step"], fl["layout"])
 
 
 def _describe_state(state: Optional[dict]) -> Optional[dict]:
@@ -604,6 +684,7 @@ def DistributedLocalOptimizer(
     nonfinite: str = "raise",
     local_period: Optional[int] = None,
     local_process_set: Any = None,
+    overlap: bool = False,
     compression: Any = None,
     op: Any = None,
     backward_passes_per_step: int = 1,
@@ -648,6 +729,11 @@ def DistributedLocalOptimizer(
             registered at ``hvd.init(process_sets=[...])``; the sets must partition the ranks).
             Default: one group per host, added as process sets here, which needs
             ``hvd.init(process_sets="dynamic")``.
+        overlap: hide the sync behind local steps: a round's sum is started at its boundary
+            and applied at the next one, with the local progress made meanwhile carried over
+            (``x = avg(sent) + (x - sent)``; SlowMo / outer: the outer step on the delayed
+            pseudo-gradient). Call :meth:`join` or :meth:`average_parameters` at the end of
+            training: they complete the round in flight and leave identical replicas.
 
     Horovod's ``DistributedOptimizer`` arguments, so that a swap needs no other change:
 
@@ -701,7 +787,8 @@ def DistributedLocalOptimizer(
                                        slowmo_momentum, outer=outer_optimizer,
                                        nonfinite=nonfinite,
                                        adaalter=isinstance(optimizer, LocalAdaAlter),
-                                       local_period=local_period)
+                                       local_period=local_period, overlap=overlap,
+                                       compression=_compression_mode(compression))
     if local_process_set is not None and local_period is None:
         raise ValueError("local_process_set is only used with local_period (two-level "
                          "averaging); pass local_period too, or drop it")
@@ -729,15 +816,33 @@ def _is_horovod_distributed(optimizer: torch.optim.Optimizer) -> bool:
         hasattr(type(optimizer), "_allreduce_grad_async")
 
 
+def _compression_mode(compression: Any) -> Optional[str]:
+    """``compression=``: None / ``hvd.Compression.none`` -> None; ``'fp16'`` /
+    ``hvd.Compression.fp16`` -> 'fp16'; ``'int8'``; anything else raises naming it."""
+    if compression is None or isinstance(compression, str):
+        if compression in (None, "none"):
+            return None
+        if compression == "bf16":
+            raise ValueError("compression='bf16': Horovod 0.28 cannot carry bfloat16 (it "
+                             "would travel as float32 and save nothing); use 'fp16' or 'int8'")
+        if compression not in ("fp16", "int8"):
+            raise ValueError(f"compression must be None, 'fp16', 'int8' or "
+                             f"hvd.Compression.none/fp16, got {compression!r}")
+        return compression
+    name = getattr(compression, "__name__", type(compression).__name__)
+    if name == "NoneCompressor":
+        return None
+    if name == "FP16Compressor":
+        return "fp16"
+    raise ValueError(f"compression={name}: only hvd.Compression.none / hvd.Compression.fp16 "
+                     f"(or 'fp16' / 'int8') apply to parameter syncs")
+
+
 def _check_horovod_arguments(compression: Any, op: Any, backward_passes_per_step: Any,
                              gradient_predivide_factor: Any, groups: Any) -> None:
     """Horovod's DistributedOptimizer arguments: accept what has a meaning here (docstring of
     DistributedLocalOptimizer), refuse the rest naming the argument and why."""
-    if compression is not None:
-        name = getattr(compression, "__name__", type(compression).__name__)
-        if name not in ("NoneCompressor",):
-            raise ValueError(f"compression={name}: compressed syncs are not implemented yet; "
-                             f"use hvd.Compression.none (the default)")
+    compression = _compression_mode(compression)
     if op is not None:
         hvd = _hvd()
         if op != hvd.Average:

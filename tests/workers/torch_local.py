@@ -49,6 +49,10 @@ def wrapper_kwargs(cfg: dict) -> dict:
     kw = dict(period=fixtures.schedule_from_spec(cfg["schedule"]),
               warmup_steps=cfg.get("warmup_steps", 0), state_policy=cfg.get("state_policy", "keep"),
               nonfinite=cfg.get("nonfinite", "raise"))
+    if cfg.get("overlap"):
+        kw["overlap"] = True
+    if cfg.get("compression"):
+        kw["compression"] = cfg["compression"]
     if cfg.get("local_period") is not None:
         kw["local_period"] = cfg["local_period"]
         kw["local_process_set"] = _GROUP_SETS.get(cfg.get("groups") and _my_group(cfg["groups"]))
@@ -70,11 +74,10 @@ def _my_group(groups) -> tuple:
     return next(tuple(g) for g in groups if hvd.rank() in g)
 
 
-def run_config(cfg: dict) -> dict:
+def _build(cfg: dict):
     import horovod.torch as hvd
     import horovod_local.torch as hlt
 
-    rank, size = hvd.rank(), hvd.size()
     dtype = getattr(torch, cfg.get("dtype", "float64"))  # model and data dtype
     model = Linear(dtype)
     inner = make_inner(cfg["inner"], model)
@@ -86,11 +89,45 @@ def run_config(cfg: dict) -> dict:
                                             **wrapper_kwargs(cfg))
     lr_fn = cfg["inner"].get("lr_schedule")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn) if lr_fn else None
+    return model, opt, sched, dtype
+
+
+def _finish(cfg: dict, opt) -> None:
+    if hasattr(opt, "sync_stats"):
+        if cfg.get("join"):
+            opt.join()  # join rounds are not recorded: the reference replays them itself
+        elif cfg.get("final_sync"):
+            opt.average_parameters()
+
+
+def _params(model) -> dict:
+    return {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+
+
+def run_config(cfg: dict) -> dict:
+    import copy
+
+    import horovod.torch as hvd
+
+    rank, size = hvd.rank(), hvd.size()
+    model, opt, sched, dtype = _build(cfg)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     steps = cfg["steps"] if isinstance(cfg["steps"], int) else cfg["steps"][rank]
     sleep = cfg.get("sleep_per_step", [0.0] * size)[rank]
+    resume_at, snapshot = cfg.get("resume_at"), None
     rounds, sync_steps, periods, losses = [], [], [], []
+
+    def one_step(model, opt, sched, t):
+        x, y = (torch.tensor(a, dtype=dtype) for a in fixtures.make_batch(rank, t))
+        opt.zero_grad()
+        loss = 0.5 * ((model(x) - y) ** 2).sum() / x.shape[0]
+        loss.backward()
+        opt.step()
+        if sched:
+            sched.step()
+        return loss
+
     for t in range(1, steps + 1):
         x, y = (torch.tensor(a, dtype=dtype) for a in fixtures.make_batch(rank, t))
         opt.zero_grad()
@@ -109,16 +146,26 @@ def run_config(cfg: dict) -> dict:
             rounds.append(before.local_steps + 1)
             sync_steps.append(t)
             periods.append(period_before)
-    if hasattr(opt, "sync_stats"):
-        if cfg.get("join"):
-            opt.join()  # join rounds are not recorded: the reference replays them itself
-        elif cfg.get("final_sync"):
-            opt.average_parameters()
-    out = {"params": {n: p.detach().numpy().copy() for n, p in model.named_parameters()},
-           "losses": losses, "rounds": rounds, "sync_steps": sync_steps, "periods": periods}
+        if t == resume_at:  # a checkpoint (with an overlapped round in flight, say)
+            snapshot = copy.deepcopy((model.state_dict(), opt.state_dict(),
+                                      sched.state_dict() if sched else None))
+    _finish(cfg, opt)
+    out = {"params": _params(model), "losses": losses, "rounds": rounds,
+           "sync_steps": sync_steps, "periods": periods}
     if hasattr(opt, "sync_stats"):
         out["stats"] = opt.sync_stats().as_dict()
         out["schedule_state"] = opt.schedule.state_dict()
+    if snapshot is not None:  # resume from the checkpoint in a fresh model and optimizer
+        model, opt, sched, _ = _build(cfg)
+        model.load_state_dict(snapshot[0])
+        opt.load_state_dict(snapshot[1])
+        if sched:
+            sched.load_state_dict(snapshot[2])
+        for t in range(resume_at + 1, steps + 1):
+            one_step(model, opt, sched, t)
+        _finish(cfg, opt)
+        out["resumed_params"] = _params(model)
+        out["resumed_stats"] = opt.sync_stats().as_dict()
     return out
 
 
