@@ -16,6 +16,11 @@ Methods (all average the same tensors over the ranks):
   (c) grouped  hvd.grouped_allreduce_ (op=Average)
   (d) cat      torch.cat + one allreduce + copy back (PyTorch's model averager's method)
   (e) floor    a bare allreduce of an already packed buffer of the same bytes
+  (f) fp16     (a) with compression='fp16' (2 bytes an element: delta + error feedback)
+  (g) int8     (a) with compression='int8' (1 byte an element + block scales, by allgather)
+  (o) overlap  overlap=True: the time a training step is BLOCKED at a round boundary
+               (complete the round in flight + start the next), with the previous round given
+               time to travel (a sleep of 3x the last (e), standing in for local steps)
   (p) previous (``--against REV``) (a) with the package as of git revision REV, imported in the
                same processes as ``horovod_local_prev`` and timed interleaved with (a)
 Results: benchmarks/results/sync_<date>.json and a markdown table on stdout.
@@ -94,6 +99,22 @@ def worker(out: str, repeats: int, prev: str = "") -> None:
         if prev:
             opt_prev = hlt_prev.DistributedLocalOptimizer(torch.optim.SGD(params, lr=0.1),
                                                           period=1_000_000)
+        opts = {mode: hlt.DistributedLocalOptimizer(torch.optim.SGD(params, lr=0.1),
+                                                    period=1_000_000, compression=mode)
+                for mode in ("fp16", "int8")}
+        opt_ov = hlt.DistributedLocalOptimizer(torch.optim.SGD(params, lr=0.1), period=1_000_000,
+                                               overlap=True)
+        opt_ov._hl_overlapped_round()  # the first round in flight
+        last_floor = [0.1]
+
+        def fp16():
+            opts["fp16"].average_parameters()
+
+        def int8():
+            opts["int8"].average_parameters()
+
+        def overlap():  # the boundary only: the round in flight had time to arrive
+            opt_ov._hl_overlapped_round()
 
         def fused():
             opt.average_parameters()
@@ -118,10 +139,13 @@ def worker(out: str, repeats: int, prev: str = "") -> None:
                 off += p.numel()
 
         def floor():
+            t0 = time.perf_counter()
             hvd.allreduce_(packed, name="floor", op=hvd.Sum)
+            last_floor[0] = time.perf_counter() - t0
 
         methods = {"a_fused": fused, "b_pertensor": pertensor, "c_grouped": grouped,
-                   "d_cat": cat, "e_floor": floor}
+                   "d_cat": cat, "e_floor": floor, "f_fp16": fp16, "g_int8": int8,
+                   "o_overlap_blocked": overlap}
         if prev:
             methods["p_previous"] = previous
         times = {k: [] for k in methods}
@@ -131,6 +155,8 @@ def worker(out: str, repeats: int, prev: str = "") -> None:
             order = list(methods.items())
             order = order[rep % len(order):] + order[:rep % len(order)]
             for name, fn in order:
+                if name == "o_overlap_blocked":  # local steps stand-in: the round travels
+                    time.sleep(3 * last_floor[0])
                 hvd.allreduce(torch.zeros(1), name="barrier")
                 t0 = time.perf_counter()
                 fn()
@@ -141,8 +167,11 @@ def worker(out: str, repeats: int, prev: str = "") -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         med = {k: float(hvd.allreduce(torch.tensor([v]), name=f"max.{k}", op=hvd.Max)[0])
                for k, v in med.items()}
+        opt_ov.average_parameters()  # no round left in flight
         rows.append({"model": model_name, "tensors": n_tensors, "params": total,
                      "bytes": 4 * total, "median_s": med, "repeats": repeats,
+                     "bytes_per_round": {m: o.sync_stats().bytes_sent / max(o.sync_stats().syncs, 1)
+                                         for m, o in opts.items()},
                      "backend": hlt.backend_info(),
                      "backend_previous": hlt_prev.backend_info() if prev else None})
     if hvd.rank() == 0:
@@ -213,6 +242,19 @@ def main() -> None:
                   f"{ms('c_grouped')} | {ms('d_cat')} | {ms('e_floor')} | "
                   f"{m['a_fused'] / m['e_floor']:.2f} | {m['b_pertensor'] / m['a_fused']:.2f} | "
                   f"{m['c_grouped'] / m['a_fused']:.2f} | {m['d_cat'] / m['a_fused']:.2f} |")
+    print("\nCompressed and overlapped rounds (same run):")
+    print("| controller | model | (e) floor ms | (f) fp16 ms | f/e | (g) int8 ms | g/e | "
+          "bytes a/f/g per round | (o) blocked ms | o/e |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c, rows in results["runs"].items():
+        for r in rows:
+            m, b = r["median_s"], r["bytes_per_round"]
+            print(f"| {c} | {r['model']} | {1e3 * m['e_floor']:.1f} | {1e3 * m['f_fp16']:.1f} | "
+                  f"{m['f_fp16'] / m['e_floor']:.2f} | {1e3 * m['g_int8']:.1f} | "
+                  f"{m['g_int8'] / m['e_floor']:.2f} | {r['bytes'] / 1e6:.0f} / "
+                  f"{b['fp16'] / 1e6:.0f} / {b['int8'] / 1e6:.0f} MB | "
+                  f"{1e3 * m['o_overlap_blocked']:.1f} | "
+                  f"{m['o_overlap_blocked'] / m['e_floor']:.2f} |")
     if prev_dir is not None:
         print(f"\n(p) = (a) as of {args.against}:")
         print("| controller | model | (a) ms | (p) ms | a/p |")
