@@ -51,7 +51,14 @@ CONFIGS = [
     dict(id="local_sgd_H4", inner=SGD, schedule={"kind": "constant", "period": 4}, steps=40),
     dict(id="momentum_average_H4", inner=SGD_M, schedule={"kind": "constant", "period": 4},
          state_policy="average", steps=40),
+    # two-level: groups found from the host names (one per namespace host), every step inside
+    # a host, every 4 across; and the inter-host round overlapped and int8-compressed
+    dict(id="two_level_by_host_L1_H4", inner=SGD_M, schedule={"kind": "constant", "period": 4},
+         local_period=1, steps=26),
+    dict(id="overlap_int8_H4", inner=SGD_M, schedule={"kind": "constant", "period": 4},
+         overlap=True, compression="int8", final_sync=True, steps=26),
 ]
+HOST_GROUPS = [[0, 1], [2, 3]]  # -H hostA:2,hostB:2
 
 
 def _env() -> dict:
@@ -138,8 +145,11 @@ def test_two_hosts_two_ranks_each(hosts, controller):
     assert [w["hostname"] for w in where] == want_host, where
     assert all((w["size"], w["local_size"], w["cross_size"]) == (4, 2, 2) for w in where), where
     for cfg in CONFIGS:
-        ref = simulate(4, cfg["steps"], inner=cfg["inner"], schedule=cfg["schedule"],
-                       state_policy=cfg.get("state_policy", "keep"))
+        kw = {k: cfg[k] for k in ("state_policy", "local_period", "overlap", "compression",
+                                  "final_sync") if k in cfg}
+        if "local_period" in cfg:
+            kw["groups"] = HOST_GROUPS
+        ref = simulate(4, cfg["steps"], inner=cfg["inner"], schedule=cfg["schedule"], **kw)
         assert ref["syncs"] >= 1
         for r in range(4):
             got = ranks[r][cfg["id"]]
@@ -147,8 +157,12 @@ def test_two_hosts_two_ranks_each(hosts, controller):
                 np.testing.assert_allclose(got["params"][name], ref["params"][r][name],
                                            rtol=1e-6, atol=1e-12,
                                            err_msg=f"{controller} {cfg['id']} rank {r}: {name}")
-            assert got["stats"]["syncs"] == ref["syncs"]
-            assert got["sync_steps"] == ref["sync_steps"][: len(got["sync_steps"])]
+            assert got["stats"]["syncs"] == ref["syncs_per_rank"][r]
+            # the worker records a round when it completes (overlap: one boundary later)
+            done = [t for t in ref["complete_steps"] if t is not None]
+            assert got["sync_steps"] == done[: len(got["sync_steps"])]
+            if "local_period" in cfg:
+                assert got["stats"]["local_syncs"] == ref["local_syncs"][r] > ref["syncs"]
 
 
 # --------------------------------------------------------------------------------------------

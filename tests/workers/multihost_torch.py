@@ -28,7 +28,7 @@ def main():
     import horovod.torch as hvd
 
     out_dir, configs = load_payload()
-    hvd.init()
+    hvd.init(process_sets="dynamic")  # two-level averaging groups the ranks by host itself
     torch.set_default_dtype(torch.float64)
     results = {cfg["id"]: run_config(cfg) for cfg in configs}
     results["_where"] = dict(where(), rank=hvd.rank(), local_rank=hvd.local_rank(),
