@@ -446,6 +446,9 @@ class _Rank:
         self.sends: list[dict] = []   # compression: per round what was sent
         # overlap: the round in flight (None if none)
         self.inflight: dict | None = None
+        # overlap + two-level: the period in force when join() completed the round in flight
+        # (logged by the next global round as the flat case logs it: before that completion)
+        self.join_pre_period: float | None = None
         # counters
         self.syncs = 0          # completed flat / global rounds
         self.local_syncs = 0    # two-level local rounds
@@ -509,13 +512,28 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
     then, if the group's summed wants-global ``W > 0`` or its summed joined ``J == m``, the flat
     round over all n ranks (a global round). Join follows SEMANTICS.md's two-level protocol
     (a joined rank sends (1, 0) in local rounds; once its group has all joined, global rounds
-    only; stop when a global round's joined sum is n). Choices: ``final_sync`` (an explicit
-    ``average_parameters()``) is a local round in every group followed by a global round
-    ("a global round is always preceded, at the same step, by a local round"). With
+    only; stop when a global round's joined sum is n). ``final_sync`` (an explicit
+    ``average_parameters()``) is ONE flat global round with no local round before it
+    (SEMANTICS.md: "average_parameters() is one flat global round (no local round before
+    it)"); an earlier version of this reference ran a local round in every group first. With
     compression, local rounds are plain (uncompressed) group means and ``c``, ``e_i`` change only
     in global rounds (``c`` must be equal on every rank, which a group mean is not).
-    ``TimeBudget`` and its replay (``kind='rounds'``) are refused (``ValueError``), as is
-    ``overlap``.
+    ``TimeBudget`` and its replay (``kind='rounds'``) are refused (``ValueError``).
+
+    Two levels with ``overlap=True``: only the global rounds are overlapped; local rounds stay
+    blocking group means and never touch ``s_i``. At a step where ``g`` fires: the local round
+    first, then the global round as an overlapped round: complete the global round in flight
+    (``x_i = a + (x_i - s_i)`` on the just-averaged ``x_i``; SlowMo / outer, state policy and
+    ADPSGD as in flat overlap), then send ``s_i = x_i`` (the parameters after that completion,
+    as in flat overlap) and start the next global round. Compression composes as in flat
+    overlap (global rounds compressed, ``c`` and ``e_i`` change only at global rounds). A rank
+    that joins completes its global round in flight at once (before the local rounds of its
+    join loop; lr read as for an explicit sync) and then takes part blocking in the global
+    rounds, which pair with the other ranks' overlapped ones as in flat overlap. ``final_sync``:
+    complete the round in flight, then one flat blocking round. Consequence: with one group of
+    all ranks the global round in flight always carries identical ``s_i`` (``a = s_i`` up to
+    rounding), so with model averaging the run is blocking averaging at every round of either
+    level, not flat overlap; with groups of size 1 it is flat overlap.
 
     Overlapped rounds (``overlap=True``): the boundaries are those of the flat case (the
     ``Increasing`` / recorded-rounds counter advances when a round starts). At rank i's boundary
@@ -527,7 +545,7 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
     ``final_sync`` complete the round in flight (lr read as for an explicit sync) and then run
     blocking flat rounds. A round in which some ranks are blocking (joined) and others
     overlapped is one sum: the blocking ones apply it at once, the others at their next
-    boundary. Local AdaAlter and ``local_period`` are refused (``ValueError``).
+    boundary. Local AdaAlter is refused (``ValueError``); for ``local_period`` see above.
 
     Compressed syncs (``compression='fp16' | 'int8'``): each rank sends
     ``d = (x_i - c) + e_i``, ``e_i = d - D(Q(d))``; fp16: float16 sum in rank order
@@ -615,8 +633,6 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
                          "bf16 would travel as float32 and save nothing)")
     if overlap and inner["name"] == "adaalter":
         raise ValueError("overlap=True is refused with Local AdaAlter")
-    if overlap and local_period is not None:
-        raise ValueError("overlap=True is refused with local_period")
     if compression is not None and state_policy == "average":
         raise ValueError("compression is refused with state_policy='average'")
     if compression is not None and inner["name"] == "adaalter":
@@ -857,7 +873,10 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
         and takes part blocking; otherwise (at its boundary) it completes and sends
         overlapped."""
         # the periods that produced this boundary (before a completion's ADPSGD update)
-        pre_periods = [r.sched.period() for r in ranks]
+        pre_periods = [r.sched.period() if r.join_pre_period is None else r.join_pre_period
+                       for r in ranks]
+        for r in ranks:
+            r.join_pre_period = None
         # a rank holding a round in flight completes it before it sends in this one
         for r in ranks:
             if r.inflight is not None:
@@ -1003,6 +1022,11 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
                                 if join:
                                     r.joined = True
                                     wants[r.rank] = 0
+                                    if r.inflight is not None:
+                                        # join() first completes the global round in flight
+                                        # (before the local rounds of the join loop)
+                                        r.join_pre_period = r.sched.period()
+                                        complete(r, True)
                                 else:
                                     halted.append(r)
                                 break
@@ -1033,9 +1057,8 @@ def simulate(n: int, steps: int | list[int], *, inner: dict, warmup_steps: int =
                 break
 
     if final_sync:
-        if local_period is not None:
-            for mem in [[ranks[i] for i in G] for G in (groups_used or [])]:
-                local_round(mem)
+        # average_parameters(): complete the round in flight (overlap), then ONE flat blocking
+        # round over all n ranks; with two levels no local round comes before it
         do_round({r.rank: True for r in ranks})
 
     final_lead = next(r for r in ranks if r.t == max(q.t for q in ranks))

@@ -783,9 +783,40 @@ def test_two_level_singleton_groups_and_no_local_period_are_flat(steps) -> None:
     assert ignored["local_syncs"] == [0, 0, 0] and ignored["groups"] is None
     assert single["groups"] == [[2], [0], [1]]
     if steps == 9:  # warm-up 1: local rounds after steps 3 (L), 4 (+ global), 6, 7 (+ global),
-        # 9 and before the final global round
-        assert single["local_sync_steps"] == [[3, 4, 6, 7, 9, 9]] * 3
+        # 9; the final global round (average_parameters()) has no local round before it
+        assert single["local_sync_steps"] == [[3, 4, 6, 7, 9]] * 3
         assert single["sync_steps"] == [4, 7, 9]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_two_level_final_sync_is_one_flat_round_without_local_round(overlap: bool) -> None:
+    # unequal groups, so a local round before the final flat round would change the mean
+    # (mean of group means != mean); L = 2, H = 4, T = 5: step 5 ends with no round
+    n, G, L, H, T = 3, [[0, 1], [2]], 2, 4, 5
+    res = simulate(n, T, inner=SGD, schedule=_c(H), groups=G, local_period=L, overlap=overlap,
+                   final_sync=True)
+    xs = [x0() for _ in range(n)]
+    s = a = None
+    for t in range(1, T + 1):
+        xs = [_sgd(i, t, xs[i]) for i in range(n)]
+        if t % L == 0:
+            for g in G:
+                m = avg([xs[i] for i in g])
+                for i in g:
+                    xs[i] = dict(m)
+        if t % H == 0:
+            if overlap:
+                s, a = [dict(x) for x in xs], avg(xs)
+            else:
+                xs = [avg(xs)] * n
+    if overlap:                                   # complete the round in flight
+        xs = [{k: a[k] + (xs[i][k] - s[i][k]) for k in a} for i in range(n)]
+    want = avg(xs)                                # then one flat round, no local round
+    for p in res["params"]:
+        close(p, want, rtol=1e-12)
+    assert res["local_sync_steps"] == [[2, 4]] * n and res["sync_steps"] == [4, 5]
+    grouped = avg([avg(xs[:2]), xs[2]])           # what a local round first would give
+    assert not np.allclose(grouped["weight"], want["weight"], rtol=1e-8, atol=0)
 
 
 def test_two_level_L1_two_groups_written_out() -> None:
@@ -894,8 +925,9 @@ def test_two_level_refusals() -> None:
                       ({"kind": "rounds"}, dict(rounds=[[2], [2]]))):
         with pytest.raises(ValueError, match="TimeBudget"):
             simulate(2, 4, inner=SGD, schedule=sched, local_period=1, **kw)
-    with pytest.raises(ValueError, match="overlap"):
-        simulate(2, 4, inner=SGD, schedule=_c(2), local_period=1, overlap=True)
+    with pytest.raises(ValueError, match="AdaAlter"):
+        simulate(2, 4, inner={"name": "adaalter", "lr": 0.1}, schedule=_c(2), local_period=1,
+                 overlap=True)
     for bad in ([[0], [0, 1]], [[0]], [[0, 1], []], [[0, 2]]):
         with pytest.raises(ValueError, match="partition"):
             simulate(2, 4, inner=SGD, schedule=_c(2), local_period=1, groups=bad)
@@ -1374,3 +1406,287 @@ def test_compression_uneven_join_overlap_outer(comp: str) -> None:
     close(res["anchor_c"][0], res["x0"][0], rtol=0)
     close(res["params"][0], res["x0"][0], rtol=0)
     assert res["joined"][-1] == 3
+
+
+# ================================================================ overlap with two levels
+# (overlap=True with local_period: global rounds overlapped, local rounds blocking)
+def _group_mean(xs: list, G: list[list[int]]) -> list:
+    xs = list(xs)
+    for g in G:
+        m = avg([xs[i] for i in g])
+        for i in g:
+            xs[i] = dict(m)
+    return xs
+
+
+@pytest.mark.parametrize("L,H", [(1, 1), (1, 3), (2, 2), (2, 3)])
+def test_two_level_overlap_one_group_is_blocking_averaging_every_L(L: int, H: int) -> None:
+    """One group of all ranks: the local round before each global round already makes every
+    x_i equal, so every s_i of the round in flight is the same and a = s_i (up to rounding):
+    the completion x_i = a + (x_i - s_i) changes nothing. The run is blocking model averaging
+    at every round of either level (L = 1: synchronous SGD; L = H: flat blocking local SGD with
+    period H), NOT flat overlap (whose ranks keep their own progress past each completion)."""
+    n, T = 3, 7
+
+    def blocking_by_hand(T: int) -> list[Params]:
+        xs, since = [x0() for _ in range(n)], 0
+        for t in range(1, T + 1):
+            xs, since = [_sgd(i, t, xs[i]) for i in range(n)], since + 1
+            if since == L or t % H == 0:       # a local round (the global one adds nothing)
+                xs, since = [avg(xs)] * n, 0
+        return xs
+
+    res = simulate(n, T, inner=SGD, schedule=_c(H), local_period=L, overlap=True)
+    want = blocking_by_hand(T)
+    for i in range(n):
+        close(res["params"][i], want[i], rtol=1e-12)
+    if L == H:
+        for i in range(n):
+            close(res["params"][i], _local_sgd_by_hand(n, T, L, SGD["lr"])[i], rtol=1e-12)
+    assert res["groups"] == [[0, 1, 2]]
+    assert res["sync_steps"] == list(range(H, T + 1, H))
+    assert res["complete_steps"] == list(range(2 * H, T + 1, H)) + [None]
+    fl = res["in_flight"][0]
+    assert fl["pending"] and fl["round"] == T // H - 1
+    # what travels is the (corrected) group mean at the last global boundary
+    close(fl["s"], blocking_by_hand(H * (T // H))[0], rtol=1e-12)
+    flat_ov = simulate(n, T, inner=SGD, schedule=_c(L), overlap=True)
+    assert not np.allclose(flat_ov["params"][0]["weight"], res["params"][0]["weight"],
+                           rtol=1e-6, atol=0)
+
+
+def test_two_level_overlap_one_group_slowmo_is_delayed_outer_step() -> None:
+    """One group of all ranks, SlowMo: local rounds make the replicas equal; the outer step is
+    the delayed one, from a = s (the mean sent one global round earlier), x = x0 + (x - s)."""
+    n, T, L, H, lr, alpha, beta = 2, 9, 2, 4, SGD["lr"], 0.8, 0.5
+    res = simulate(n, T, inner=SGD, schedule=_c(H), local_period=L, overlap=True,
+                   algorithm={"name": "slowmo", "alpha": alpha, "beta": beta})
+    xs = [x0() for _ in range(n)]
+    anc, u = x0(), {k: np.zeros_like(v) for k, v in x0().items()}
+    s = None
+    for t in range(1, T + 1):
+        xs = [_sgd(i, t, xs[i]) for i in range(n)]
+        if t % L == 0:
+            xs = [avg(xs)] * n
+        if t % H == 0:
+            if s is not None:
+                u = {k: beta * u[k] + (anc[k] - s[k]) / lr for k in u}
+                anc = {k: anc[k] - alpha * lr * u[k] for k in anc}
+                xs = [{k: anc[k] + (xs[i][k] - s[k]) for k in anc} for i in range(n)]
+            s = dict(xs[0])
+    for i in range(n):
+        close(res["params"][i], xs[i], rtol=1e-12)
+        close(res["x0"][i], anc, rtol=1e-12)
+    assert res["syncs"] == 1 and res["in_flight"][0]["pending"]
+    blocking = simulate(n, T, inner=SGD, schedule=_c(H), local_period=L,
+                        algorithm={"name": "slowmo", "alpha": alpha, "beta": beta})
+    assert not np.allclose(blocking["params"][0]["weight"], res["params"][0]["weight"],
+                           rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(steps=9, inner=MOM, schedule=_c(3), warmup_steps=1, state_policy="average",
+         algorithm={"name": "slowmo", "alpha": 0.8, "beta": 0.5}, final_sync=True),
+    dict(steps=[5, 9, 7], inner=MOM, schedule=_c(2), state_policy="average"),
+    dict(steps=[7, 4, 10], inner=MOM, schedule={"kind": "adaptive", "initial_period": 2,
+                                                "sampling_steps": 4}, state_policy="reset"),
+    dict(steps=[5, 9, 7], inner=MOM, schedule=_c(2), state_policy="reset", compression="int8",
+         algorithm={"name": "outer_sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True}),
+    dict(steps=8, inner=SGD, schedule={"kind": "increasing", "initial_period": 1},
+         compression="fp16", final_sync=True),
+])
+def test_two_level_overlap_singleton_groups_are_flat_overlap(cfg: dict) -> None:
+    cfg = dict(cfg)
+    steps = cfg.pop("steps")
+    flat = simulate(3, steps, **cfg, overlap=True)
+    single = simulate(3, steps, **cfg, overlap=True, groups=[[1], [2], [0]], local_period=2)
+    for i in range(3):
+        close(single["params"][i], flat["params"][i], rtol=0)
+        for key in ("momentum_buffer", "x0", "residual", "anchor_c"):
+            a = flat["opt_state"][i].get(key) if key == "momentum_buffer" else (
+                flat[key][i] if flat[key] is not None else None)
+            b = single["opt_state"][i].get(key) if key == "momentum_buffer" else (
+                single[key][i] if single[key] is not None else None)
+            assert (a is None) == (b is None)
+            if a is not None:
+                close(b, a, rtol=0)
+        fa, fb = flat["in_flight"][i], single["in_flight"][i]
+        assert fa["pending"] == fb["pending"] and fa["round"] == fb["round"]
+        if fa["pending"]:
+            close(fb["s"], fa["s"], rtol=0)
+    for key in ("S", "sync_steps_per_rank", "periods_per_rank", "complete_steps", "lrs",
+                "syncs_per_rank", "period_per_rank", "C2_per_rank"):
+        assert single[key] == flat[key], key
+    if isinstance(steps, list):  # (with even steps the flat log counts ranks out of data
+        assert single["joined"] == flat["joined"]  # as joined in the final round; two-level not)
+    assert flat["local_syncs"] == [0] * 3 and min(single["local_syncs"]) > 0
+
+
+def test_two_level_overlap_L1_two_groups_written_out() -> None:
+    """n = 4, groups {0, 1} and {2, 3}, L = 1, H = 2, plain SGD: x after every step (every
+    step ends with a local round; steps 2, 4, 6 with a global one, overlapped)."""
+    n, T, H = 4, 6, 2
+    G = [[0, 1], [2, 3]]
+    xs = [x0() for _ in range(n)]
+    s: list | None = None
+    a: Params | None = None
+    for t in range(1, T + 1):
+        xs = [_sgd(i, t, xs[i]) for i in range(n)]
+        xs = _group_mean(xs, G)                           # the local round (blocking)
+        if t % H == 0:                                    # then the global round
+            if s is not None:                             # complete the one in flight
+                xs = [{k: a[k] + (xs[i][k] - s[i][k]) for k in a} for i in range(n)]
+            s = [dict(x) for x in xs]                     # send the corrected x_i
+            a = avg(s)
+        res = simulate(n, t, inner=SGD, schedule=_c(H), groups=G, local_period=1,
+                       overlap=True)
+        for i in range(n):
+            close(res["params"][i], xs[i], rtol=1e-12)
+        assert res["local_syncs"] == [t] * n and res["syncs"] == max(0, t // H - 1)
+        if s is not None:
+            for i in range(n):
+                fl = res["in_flight"][i]
+                assert fl["pending"] and fl["round"] == t // H - 1
+                close(fl["s"], s[i], rtol=1e-12)
+                close(fl["avg"], a, rtol=1e-12)
+        # within a group identical (a local round ended the step), across groups not
+        close(res["params"][1], res["params"][0], rtol=0)
+        close(res["params"][3], res["params"][2], rtol=0)
+        assert not np.allclose(res["params"][0]["weight"], res["params"][2]["weight"])
+    assert res["complete_steps"] == [4, 6, None] and res["sync_steps"] == [2, 4, 6]
+    blocking = simulate(n, T, inner=SGD, schedule=_c(H), groups=G, local_period=1)
+    assert not np.allclose(blocking["params"][0]["weight"], res["params"][0]["weight"],
+                           rtol=1e-6, atol=0)
+
+
+def test_two_level_overlap_join_written_out() -> None:
+    """groups {0, 1} and {2}, L = 1, H = 3, steps [4, 6, 6]. Rank 0 joins after step 4: it
+    completes global round 0 at once, so its groupmate averages with the COMPLETED x_0 in the
+    local rounds after steps 5 and 6 (and takes step 6 from there); rank 0 takes part blocking
+    in global round 1, ranks 1 and 2 overlapped; then ranks 1 and 2 join (completing round 1
+    with no progress since) and the last global round is blocking for all."""
+    G = [[0, 1], [2]]
+    res = simulate(3, [4, 6, 6], inner=SGD, schedule=_c(3), groups=G, local_period=1,
+                   overlap=True)
+    xs = [x0() for _ in range(3)]
+    for t in (1, 2, 3):
+        xs = _group_mean([_sgd(i, t, xs[i]) for i in range(3)], G)
+    s = [dict(x) for x in xs]                               # global round 0, overlapped
+    a0 = avg(s)
+
+    xs = _group_mean([_sgd(i, 4, xs[i]) for i in range(3)], G)   # step 4 + local round
+
+    def rest(x_0: Params) -> Params:
+        y = [x_0, xs[1], xs[2]]
+        for t in (5, 6):                                    # rank 0 sends (1, 0)
+            y = _group_mean([y[0]] + [_sgd(i, t, y[i]) for i in (1, 2)], G)
+        c1 = {k: a0[k] + (y[1][k] - s[1][k]) for k in a0}  # ranks 1, 2 complete round 0
+        c2 = {k: a0[k] + (y[2][k] - s[2][k]) for k in a0}
+        c0 = (y[0] if x_0 is not xs[0]                    # rank 0 blocking, no flight
+              else {k: a0[k] + (y[0][k] - s[0][k]) for k in a0})
+        return avg([c0, c1, c2])                            # global round 1
+
+    a1 = rest({k: a0[k] + (xs[0][k] - s[0][k]) for k in a0})  # rank 0 joins: completes 0
+    for p in res["params"]:
+        close(p, a1, rtol=1e-12)
+    assert res["joined"] == [0, 1, 3]
+    assert res["sync_steps_per_rank"] == [[3, 4, 4], [3, 6, 6], [3, 6, 6]]
+    assert res["local_sync_steps"] == [[1, 2, 3, 4, 4, 4, 4], [1, 2, 3, 4, 5, 6, 6],
+                                       [1, 2, 3, 4, 5, 6, 6]]
+    assert not any(f["pending"] for f in res["in_flight"])
+    assert res["syncs_per_rank"] == [3, 3, 3]
+    # had rank 0 sent its uncompleted x_0 into the local rounds (completing it only at the
+    # global round), the result would differ: rank 1's steps 5 and 6 start elsewhere
+    bad = rest(xs[0])
+    assert not np.allclose(bad["weight"], a1["weight"], rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(inner=MOM, state_policy="average"),
+    dict(inner=MOM, state_policy="reset", warmup_steps=1,
+         algorithm={"name": "slowmo", "alpha": 0.8, "beta": 0.5}),
+    dict(inner=MOM, algorithm={"name": "outer_sgd", "lr": 0.7, "momentum": 0.9,
+                               "nesterov": True}, final_sync=True),
+    dict(inner=SGD, schedule={"kind": "adaptive", "initial_period": 2, "sampling_steps": 5}),
+])
+def test_two_level_overlap_uneven_join_ends_identical(kw: dict) -> None:
+    kw = dict(dict(schedule=_c(3)), **kw)
+    res = simulate(4, [7, 9, 5, 12], groups=[[0, 1], [2, 3]], local_period=2, overlap=True,
+                   **kw)
+    same_everywhere(res)
+    assert res["joined"][-1] == 4 and all(j < 4 for j in res["joined"][:-1 - bool(
+        kw.get("final_sync"))])
+    assert not any(f["pending"] for f in res["in_flight"])
+    assert res["syncs_per_rank"] == [len(res["S"])] * 4
+    assert res["steps"] == [7, 9, 5, 12]
+    if res["x0"] is not None:
+        close(res["x0"][0], res["params"][0], rtol=0)
+
+
+def test_two_level_overlap_fp16_written_out() -> None:
+    """Compression composes as in flat overlap: local rounds plain group means, global rounds
+    send d = (x_i - c) + e_i after completing the one in flight (c = c + delta,
+    x_i = c + (x_i - s_i)); fp16 sum in rank order."""
+    n, T, H = 4, 5, 2
+    G = [[0, 1], [2, 3]]
+    res = simulate(n, T, inner=SGD, schedule=_c(H), groups=G, local_period=1, overlap=True,
+                   compression="fp16")
+    xs = [x0() for _ in range(n)]
+    c = x0()
+    e = [{k: np.zeros_like(v) for k, v in c.items()} for _ in range(n)]
+    s = delta = None
+    for t in range(1, T + 1):
+        xs = _group_mean([_sgd(i, t, xs[i]) for i in range(n)], G)
+        if t % H == 0:
+            if s is not None:
+                c = {k: c[k] + delta[k] for k in c}
+                xs = [{k: c[k] + (xs[i][k] - s[i][k]) for k in c} for i in range(n)]
+            s = [dict(x) for x in xs]
+            q = []
+            for i in range(n):
+                d = {k: (xs[i][k] - c[k]) + e[i][k] for k in c}
+                q.append({k: d[k].astype(np.float16) for k in d})
+                e[i] = {k: d[k] - q[i][k].astype(np.float64) for k in d}
+            tot = {}
+            for k in c:
+                acc = q[0][k]
+                for j in range(1, n):
+                    acc = (acc.astype(np.float64) + q[j][k].astype(np.float64)).astype(
+                        np.float16)
+                tot[k] = acc
+            delta = {k: tot[k].astype(np.float64) * (1.0 / n) for k in c}
+    for i in range(n):
+        close(res["params"][i], xs[i], rtol=1e-15)
+        close(res["anchor_c"][i], c, rtol=0)
+        close(res["residual"][i], e[i], rtol=1e-9)
+        fl = res["in_flight"][i]
+        assert fl["pending"] and fl["sum"]["weight"].dtype == np.float16
+        close(fl["avg"], delta, rtol=0)
+    assert any(np.abs(v).max() > 0 for v in res["residual"][0].values())
+
+
+@pytest.mark.parametrize("comp", ["fp16", "int8"])
+def test_two_level_overlap_compression_keeps_c_equal(comp: str) -> None:
+    G = [[0, 1], [2, 3]]
+    kw = dict(inner=MOM, schedule=_c(2), groups=G, local_period=1, overlap=True,
+              compression=comp)
+    runs = {T: simulate(4, T, **kw) for T in range(1, 8)}
+    for T, res in runs.items():
+        for i in range(1, 4):
+            close(res["anchor_c"][i], res["anchor_c"][0], rtol=0)
+        if T % 2 == 1 and T > 1:   # a step with a local round only: c and e_i unchanged
+            for i in range(4):
+                close(res["residual"][i], runs[T - 1]["residual"][i], rtol=0)
+                close(res["anchor_c"][i], runs[T - 1]["anchor_c"][i], rtol=0)
+    # c moves at the completions (steps 4, 6), e_i at every global round (2, 4, 6)
+    assert not np.array_equal(runs[4]["anchor_c"][0]["weight"], runs[2]["anchor_c"][0]["weight"])
+    assert np.array_equal(runs[2]["anchor_c"][0]["weight"], runs[1]["anchor_c"][0]["weight"])
+    assert not np.array_equal(runs[4]["residual"][0]["weight"], runs[2]["residual"][0]["weight"])
+    # uneven steps with join, SlowMo: c (the anchor) equal everywhere, replicas identical
+    res = simulate(4, [7, 9, 5, 12], **dict(kw, schedule=_c(3), local_period=2),
+                   algorithm={"name": "slowmo", "alpha": 0.8, "beta": 0.5})
+    same_everywhere(res)
+    for i in range(4):
+        close(res["anchor_c"][i], res["anchor_c"][0], rtol=0)
+    close(res["anchor_c"][0], res["x0"][0], rtol=0)
+    assert res["joined"][-1] == 4 and not any(f["pending"] for f in res["in_flight"])
