@@ -6,7 +6,10 @@ algorithm / steps), plus ``kind``: ``fit`` (default), ``ctl`` (custom training l
 ``reliability`` (mismatched replicas, NaN at a sync), ``uneven`` (a different number of batches
 per rank in every epoch, with the collective callbacks and validation data); and for ``fit`` an
 optional ``dtype`` ("float64" by default, or "float32"): the model's, the data's and Keras'
-floatx for that config.
+floatx for that config. Two-level averaging: ``local_period`` and ``groups`` (lists of ranks,
+registered as process sets at ``hvd.init`` and passed as ``local_process_set``), as in
+tests/workers/torch_local.py; a ``fit`` config may have per-rank ``steps`` (a list) with
+``join``: ``FinalSyncCallback`` joins at the epoch's end.
 """
 from __future__ import annotations
 
@@ -103,6 +106,9 @@ def make_optimizer(cfg: dict):
               state_policy=cfg.get("state_policy", "keep"))
     if "nonfinite" in cfg:
         kw["nonfinite"] = cfg["nonfinite"]
+    if cfg.get("local_period") is not None:
+        kw["local_period"] = cfg["local_period"]
+        kw["local_process_set"] = _GROUP_SETS.get(cfg.get("groups") and _my_group(cfg["groups"]))
     alg = cfg.get("algorithm") or {"name": "local_sgd"}
     if alg["name"] == "slowmo":
         kw.update(algorithm="slowmo", slowmo_lr=alg["alpha"], slowmo_momentum=alg["beta"])
@@ -114,6 +120,15 @@ def make_optimizer(cfg: dict):
             kw["outer_optimizer"] = keras.optimizers.SGD(alg["lr"], momentum=alg["momentum"],
                                                          nesterov=alg["nesterov"])
     return DistributedLocalOptimizer(make_inner(cfg["inner"]), **kw)
+
+
+_GROUP_SETS: dict = {}  # two-level groups (tuple of ranks) -> Horovod process set
+
+
+def _my_group(groups) -> tuple:
+    import horovod.tensorflow as hvd
+
+    return next(tuple(g) for g in groups if hvd.rank() in g)
 
 
 class Recorder:
@@ -169,10 +184,16 @@ def run_fit(cfg: dict, rank: int) -> dict:
     model, dense = make_model(dtype=dtype)
     opt = make_optimizer(cfg)
     model.compile(optimizer=opt, loss=loss_fn, jit_compile=False)
-    x, y = data(rank, cfg["steps"], dtype=dtype)
+    steps = cfg["steps"] if isinstance(cfg["steps"], int) else cfg["steps"][rank]
+    x, y = data(rank, steps, dtype=dtype)
     rec = Recorder(opt)
+    callbacks = [rec.callback()]  # first: it sees the scheduled rounds, not the join's
+    if cfg.get("join"):  # uneven data: the epoch-end join (the callbacks' path)
+        from horovod_local.tensorflow.keras import FinalSyncCallback
+
+        callbacks.append(FinalSyncCallback())
     model.fit(x, y, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0,
-              callbacks=[rec.callback()])
+              callbacks=callbacks)
     if cfg.get("final_sync"):
         opt.average_parameters()
     return result_of(opt, dense, rec)
@@ -519,7 +540,12 @@ def main():
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(2)
-    hvd.init()
+    groups = sorted({tuple(g) for cfg in configs for g in (cfg.get("groups") or [])})
+    if groups:  # explicit two-level groups: registered at init, as a user would
+        _GROUP_SETS.update({g: hvd.ProcessSet(list(g)) for g in groups})
+        hvd.init(process_sets=list(_GROUP_SETS.values()))
+    else:
+        hvd.init(process_sets="dynamic" if os.environ.get("HL_DYNAMIC") else None)
     keras = _keras()
     keras.config.set_floatx("float64")
     rank = hvd.rank()
@@ -547,6 +573,12 @@ def main():
         timings[cfg["id"]] = time.perf_counter() - t0
         keras.backend.clear_session()
     results["_timings"] = timings
+    if groups:
+        # A group's last local rounds may still be running when the other group is done, and
+        # a rank's exit shuts Horovod down on every rank (the others' next collective fails):
+        # meet once more before leaving.
+        tf.function(lambda: hvd.allreduce(tf.constant([0.0], tf.float64), op=hvd.Sum,
+                                          name="test.final_barrier"), autograph=False)()
     save_result(out_dir, rank, results)
 
 

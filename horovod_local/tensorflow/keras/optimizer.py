@@ -12,6 +12,7 @@ from keras import initializers
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
 from horovod_local.core.config import SyncConfig
+from horovod_local.core.groups import local_process_set as _local_process_set
 from horovod_local.core.ops import ParamSlot
 from horovod_local.core.pipeline import RoundPipeline
 from horovod_local.replicas import Entry, check_fingerprints
@@ -47,17 +48,23 @@ def _check_not_xla() -> None:
 
 
 class _VariableCounters:
-    """The pipeline's counters (``SyncStats`` fields) over the optimizer's variables."""
+    """The pipeline's counters (``SyncStats`` fields) over the optimizer's variables;
+    ``local=True``: a two-level local round's (``syncs``, ``bytes_sent``, ``local_steps`` are
+    the local rounds' own variables)."""
 
     _NAMES = {"local_steps": "_hl_local_steps", "syncs": "_hl_syncs",
               "bytes_sent": "_hl_bytes_sent", "sync_seconds": "_hl_sync_seconds",
               "last_deviation": "_hl_last_deviation", "skipped_rounds": "_hl_skipped"}
+    # a local round counts in its own variables; its round numbers come from local_syncs
+    _LOCAL_NAMES = {**_NAMES, "syncs": "_hl_local_syncs", "bytes_sent": "_hl_local_bytes_sent",
+                    "local_steps": "_hl_local_round_steps"}
 
-    def __init__(self, opt: "DistributedLocalOptimizer") -> None:
+    def __init__(self, opt: "DistributedLocalOptimizer", local: bool = False) -> None:
         self._opt = opt
+        self._names = self._LOCAL_NAMES if local else self._NAMES
 
     def _var(self, name: str):
-        return getattr(self._opt, self._NAMES[name])
+        return getattr(self._opt, self._names[name])
 
     def get(self, name: str) -> tf.Tensor:
         v = self._var(name)
@@ -124,6 +131,18 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             naming the step and the tensor, nothing written back) or ``'skip'`` (warn; every
             rank returns to the last good average, or skips the warm-up step; the round counts
             in ``sync_stats().skipped_rounds``; costs a copy of the parameters).
+        local_period: two-level averaging (e.g. ``period=8, local_period=1``): the ranks of a
+            host also average every ``local_period`` local steps, over the fast intra-host
+            link; all ranks average on ``period``'s schedule (SlowMo / outer / AdaAlter state
+            only there). Needs a step-based schedule (not ``TimeBudget``). Default None: flat.
+            Saved by ``model.save``.
+        local_process_set: the group of this rank for ``local_period`` (a
+            ``horovod.tensorflow`` process set registered at ``hvd.init(process_sets=[...])``;
+            the sets must partition the ranks). Default: one group per host, added as process
+            sets at the first train step (or ``average_parameters()`` / ``join()`` / the
+            broadcast callback, whichever comes first), which needs
+            ``hvd.init(process_sets="dynamic")``. Not saved by ``model.save`` (a loaded model
+            groups by host).
         name: the optimizer's name.
 
     Before the first step (or ``average_parameters()`` / ``join()`` / the broadcast callback) the
@@ -146,8 +165,9 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                  warmup_steps: int = 0, state_policy: str = "keep",
                  algorithm: str = "local_sgd", slowmo_lr: float = 1.0,
                  slowmo_momentum: float = 0.5, outer_optimizer: Any = None,
-                 process_set: Any = None, nonfinite: str = "raise", name: Optional[str] = None,
-                 **kwargs) -> None:
+                 process_set: Any = None, nonfinite: str = "raise",
+                 local_period: Optional[int] = None, local_process_set: Any = None,
+                 name: Optional[str] = None, **kwargs) -> None:
         if kwargs:
             raise ValueError(f"DistributedLocalOptimizer does not take {sorted(kwargs)}; set "
                              f"such options on the inner optimizer")
@@ -170,7 +190,11 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         config = SyncConfig.from_arguments(period, warmup_steps, state_policy, algorithm,
                                            slowmo_lr, slowmo_momentum, outer=outer_optimizer,
                                            nonfinite=nonfinite,
-                                           adaalter=isinstance(optimizer, LocalAdaAlter))
+                                           adaalter=isinstance(optimizer, LocalAdaAlter),
+                                           local_period=local_period)
+        if local_process_set is not None and local_period is None:
+            raise ValueError("local_process_set is only used with local_period (two-level "
+                             "averaging); pass local_period too, or drop it")
 
         super().__init__(learning_rate=0.0, name=name or f"distributed_local_{optimizer.name}")
         self.inner_optimizer = optimizer
@@ -185,6 +209,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         # tf.functions and the process set, kept out of Keras/TF tracking
         object.__setattr__(self, "_hl_fns", {})
         object.__setattr__(self, "_hl_config", config)
+        object.__setattr__(self, "_hl_local_given", local_process_set)
 
     @property
     def _hl_warmup_steps(self) -> int:
@@ -269,6 +294,13 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             self._hl_bytes_per_step = self._hl_var("hl_bytes_per_step_allreduce", "int64", 0)
             self._hl_sync_seconds = self._hl_var("hl_sync_seconds", "float64", 0.0)
             self._hl_last_deviation = self._hl_var("hl_last_deviation", "float64", math.nan)
+            # two-level averaging only (a flat optimizer keeps its saved variables' layout)
+            self._hl_local_syncs = self._hl_local_bytes_sent = None
+            self._hl_local_round_steps = None
+            if self._hl_config.local_period is not None:
+                self._hl_local_syncs = self._hl_var("hl_local_syncs", "int64", 0)
+                self._hl_local_bytes_sent = self._hl_var("hl_local_bytes_sent", "int64", 0)
+                self._hl_local_round_steps = self._hl_var("hl_local_round_steps", "int64", 0)
             self._hl_gs.build(lambda nm, dt, val: self._hl_var(nm, dt, val))
             anchors = momenta = None
             self._hl_anchors_set = None
@@ -377,7 +409,39 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             check_fingerprints(everyone, hint=(
                 "Every rank must build the same model (same variable paths, shapes, dtypes, "
                 "order) and the same DistributedLocalOptimizer arguments."))
+        if self._hl_config.local_period is not None:
+            self._hl_build_groups()
         self._hl_fns["replicas_checked"] = True
+
+    def _hl_build_groups(self) -> None:
+        """Two-level averaging: this rank's group's process set (given, checked to partition
+        the ranks; or one per host, added with ``hvd.add_process_set``) and the local rounds'
+        pipeline over it. Collective over the process set, eager (lifted out of a trace), at
+        the same point as the replica check: before the first graph use."""
+        if "local_pipeline" in self._hl_fns:
+            return
+        import horovod.tensorflow as hvd
+
+        ps = self._hl_ps()
+        with tf.init_scope():
+            local_ps, groups = _local_process_set(
+                hvd, ps, self._hl_local_given,
+                lambda obj: allgather_object(obj, "horovod_local.groups", ps))
+        self._hl_fns["local_process_set"] = local_ps
+        self._hl_fns["groups"] = groups
+        self._hl_fns["local_pipeline"] = RoundPipeline.for_groups(
+            self._hl_config, TFOps(local_ps), _VariableCounters(self, local=True))
+
+    def _hl_local_pipeline(self) -> RoundPipeline:
+        if "local_pipeline" not in self._hl_fns:
+            self._hl_build_groups()
+        return self._hl_fns["local_pipeline"]
+
+    @property
+    def groups(self) -> Optional[list]:
+        """Two-level averaging: the groups of ranks (lists of ranks, in order of their lowest
+        rank), once known (the first train step); None for a flat optimizer or before."""
+        return self._hl_fns.get("groups")
 
     # ---- the step --------------------------------------------------------------------------
     def _hl_current_lr(self) -> tf.Tensor:
@@ -477,17 +541,25 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
     def _hl_count_step(self, in_warmup) -> None:
         _compat.iterations(self).assign_add(1)
         self._hl_bytes_per_step.assign_add(self._hl_param_bytes())
+        two_level = self._hl_local_round_steps is not None
         if in_warmup is None:
             self._hl_local_steps.assign_add(1)
+            if two_level:
+                self._hl_local_round_steps.assign_add(1)
             return
         local_inc = tf.where(in_warmup, tf.constant(0, tf.int64), tf.constant(1, tf.int64))
         self._hl_warmup_done.assign_add(1 - local_inc)
         self._hl_local_steps.assign_add(local_inc)
+        if two_level:
+            self._hl_local_round_steps.assign_add(local_inc)
         if self._hl_config.adaalter:  # replicas are identical: the local refresh is the sync
             tf.cond(in_warmup, self.inner_optimizer.refresh_denominators,
                     lambda: tf.constant(0.0, tf.float64))
 
     def _hl_maybe_sync(self, in_warmup, lr) -> None:
+        if self._hl_config.local_period is not None:
+            self._hl_maybe_two_level_sync(in_warmup, lr)
+            return
         gs = self._hl_gs
         if not gs.can_sync:  # Never: no sync op in the train step at all
             return
@@ -497,6 +569,28 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         sync_fn = self._hl_fn("sync", self._hl_sync_round)
         self._hl_when(should, in_warmup, lambda: sync_fn(tf.constant(0.0, tf.float64), lr),
                       tf.constant(0.0, tf.float64))
+
+    def _hl_maybe_two_level_sync(self, in_warmup, lr) -> None:
+        """Two-level averaging (SEMANTICS.md): after a local step, a local round if the
+        schedule says so (``due``) or ``local_period`` local steps have passed since the last
+        round of either level; then a global round iff some rank of the group wanted one (the
+        summed wants-global element: the same decision on every rank of the group)."""
+        gs = self._hl_gs
+        zero = tf.constant(0.0, tf.float64)
+        if gs.can_sync:  # (TimeBudget is refused with local_period: no clock here)
+            due = gs.should_sync(tf.convert_to_tensor(self._hl_local_steps),
+                                 tf.constant(0.0, tf.float64))
+        else:  # Never: local rounds only
+            due = tf.constant(False)
+        local_due = self._hl_local_round_steps >= self._hl_config.local_period
+        local_fn = self._hl_fn("local", self._hl_local_round)
+        sync_fn = self._hl_fn("sync", self._hl_sync_round)
+
+        def rounds():
+            _, wants = local_fn(zero, tf.cast(due, tf.float64), lr)
+            return tf.cond(wants > 0.5, lambda: sync_fn(zero, lr), lambda: zero)
+
+        self._hl_when(tf.logical_or(due, local_due), in_warmup, rounds, zero)
 
     def _hl_param_bytes(self) -> int:
         return sum(int(math.prod(v.shape)) * tf.as_dtype(v.dtype).size
@@ -576,7 +670,25 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             step=tf.convert_to_tensor(_compat.iterations(self)), lr=lr,
             schedule=_GraphScheduleHook(self), explicit=explicit)
         self._hl_round_start.assign(tf.timestamp())
+        if self._hl_local_round_steps is not None:  # a global round is a round of either level
+            self._hl_local_round_steps.assign(0)
         return result.joined
+
+    def _hl_local_round(self, joined: tf.Tensor, wants_global: tf.Tensor, lr: tf.Tensor
+                        ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Two-level averaging: one local round over this rank's group; returns the group's
+        summed control elements (how many of its ranks have joined, how many want a global
+        round next)."""
+        if self._hl_anchors is not None:
+            tf.cond(self._hl_anchors_set < 1, self._hl_init_anchors,
+                    lambda: tf.constant(0, tf.int64))
+        if self._hl_last_good is not None:
+            tf.cond(self._hl_good_set < 1, self._hl_remember_good,
+                    lambda: tf.constant(0, tf.int64))
+        result = self._hl_local_pipeline().local_round(
+            self._hl_slots(lr), joined=joined, wants_global=wants_global,
+            step=tf.convert_to_tensor(_compat.iterations(self)))
+        return result.joined, result.wants_global
 
     # ---- public API ------------------------------------------------------------------------
     def _hl_require_built(self, what: str) -> None:
@@ -589,7 +701,8 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         every rank of the process set calls it (ranks that have joined serve it); a rank calling
         it while another is in a scheduled round fails on every rank
         (``tf.errors.InvalidArgumentError`` naming it). Used with ``period=math.inf`` and at the
-        end of training. Callable eagerly or inside a ``tf.function``."""
+        end of training. Callable eagerly or inside a ``tf.function``. With ``local_period``:
+        one flat global round (no local round before it)."""
         self._hl_require_built("average_parameters")
         self._hl_check_replicas()
         if tf.executing_eagerly() and \
@@ -615,17 +728,37 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         rank has joined; then all ranks hold the same averaged model. Collective over the epoch
         (every rank calls it once its data ends). Eager only. In ``model.fit`` this package's
         callbacks call it at every epoch's end (see ``FinalSyncCallback``); in a custom loop,
-        call it when this rank's data ends, before any other collective."""
+        call it when this rank's data ends, before any other collective. With
+        ``local_period``: the two-level join (docs/SEMANTICS.md): the rank follows its group's
+        local rounds, and the global rounds they call for, until its whole group has joined,
+        then global rounds only."""
         self._hl_require_built("join")
         if not tf.executing_eagerly():
             raise RuntimeError("horovod_local: join() loops in Python; call it eagerly")
         self._hl_check_replicas()
         n = self._hl_size()
         fn = self._hl_fn("sync", self._hl_sync_round)
+        one = tf.constant(1.0, tf.float64)
+        if self._hl_config.local_period is None:
+            while True:
+                joined = fn(one, self._hl_current_lr())
+                if int(round(float(joined))) >= n:
+                    break
+            return
+        # two levels: follow the group's local rounds (and the global rounds they call for)
+        # until the whole group has joined, then global rounds only (SEMANTICS.md)
+        local_fn = self._hl_fn("local", self._hl_local_round)
+        m = self._hl_fns["local_process_set"].size()
+        group_joined = False
         while True:
-            joined = fn(tf.constant(1.0, tf.float64), self._hl_current_lr())
-            if int(round(float(joined))) >= n:
-                break
+            if not group_joined:
+                joined, wants = local_fn(one, tf.constant(0.0, tf.float64),
+                                         self._hl_current_lr())
+                group_joined = int(round(float(joined))) >= m
+                if float(wants) < 0.5 and not group_joined:
+                    continue
+            if int(round(float(fn(one, self._hl_current_lr())))) >= n:
+                return
 
     def sync_stats(self) -> SyncStats:
         """This rank's sync statistics (syncs, period, bytes, time in sync), read from the
@@ -642,7 +775,14 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             bytes_per_step_allreduce=int(self._hl_bytes_per_step.numpy()),
             sync_seconds=float(self._hl_sync_seconds.numpy()),
             last_deviation=float(self._hl_last_deviation.numpy()),
-            skipped_rounds=0 if self._hl_skipped is None else int(self._hl_skipped.numpy()))
+            skipped_rounds=0 if self._hl_skipped is None else int(self._hl_skipped.numpy()),
+            local_syncs=self._hl_read_int(self._hl_local_syncs),
+            local_bytes_sent=self._hl_read_int(self._hl_local_bytes_sent),
+            local_round_steps=self._hl_read_int(self._hl_local_round_steps))
+
+    @staticmethod
+    def _hl_read_int(v) -> int:
+        return 0 if v is None else int(v.numpy())
 
     @property
     def schedule(self) -> PeriodSchedule:
@@ -680,6 +820,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             "slowmo_momentum": self._hl_config.slowmo_momentum,
             "outer_optimizer": outer,
             "nonfinite": self._hl_config.nonfinite,
+            "local_period": self._hl_config.local_period,
         }
 
     @classmethod
