@@ -7,12 +7,18 @@ For each workload (a) 160 tensors / 25M float32 params and (b) 50 tensors / 1M p
                  memory-bandwidth bound of one pack or one unpack;
 - pack, unpack_average, and pack + unpack_average, with the extension ("cpp") and the PyTorch
   fallback ("python");
-- unpack_average_deviation and unpack_slowmo (extension and fallback), for reference.
+- unpack_average_deviation and unpack_slowmo (extension and fallback), for reference;
+- the overlapped / compressed ops (``--ops compress``): overlap_average_pack, carry_pack,
+  pack_delta_fp16, quantize_int8, dequantize_int8_mean (4 ranks), unpack_delta_average (float16
+  and float32 buffer), overlap_delta_pack_fp16, each with the bytes it reads + writes, its GB/s
+  and the ratio of its time to a memcpy of the same bytes (a copy of half of them: one read and
+  one write of as many bytes in all).
 
 Ratios are to memcpy (pack, unpack) and to 2 x memcpy (pack + unpack). Writes JSON to
 benchmarks/results/pack_<date>.json and prints a table.
 
     .venv/bin/python benchmarks/bench_pack.py [--device cpu|cuda] [--repeats 10] [--quick]
+                                              [--ops all|base|compress] [--no-python]
 """
 from __future__ import annotations
 
@@ -59,7 +65,7 @@ def timeit(fn, sync, repeats: int, warmup: int, setup=None) -> tuple:
     return statistics.median(ts), min(ts)
 
 
-def bench_workload(name, n_tensors, total, device, repeats, warmup, with_python):
+def bench_workload(name, n_tensors, total, device, repeats, warmup, with_python, ops="all"):
     dt = torch.float32
     sizes = sizes_for(n_tensors, total, seed=n_tensors)
     params = [torch.randn(n, dtype=dt, device=device) for n in sizes]
@@ -91,7 +97,7 @@ def bench_workload(name, n_tensors, total, device, repeats, warmup, with_python)
         impls.append(("python", K._python))
     scale = 0.25
     lrs = [0.1] * len(params)
-    for iname, impl in impls:
+    for iname, impl in (impls if ops in ("all", "base") else []):
         T[f"{iname}.pack"] = timeit(lambda: impl.pack(params, buf, 0), sync, repeats, warmup)
         # pack + unpack with n = 1 (scale 1): the values round-trip unchanged
         T[f"{iname}.pack+unpack_average"] = timeit(
@@ -107,14 +113,96 @@ def bench_workload(name, n_tensors, total, device, repeats, warmup, with_python)
             lambda: impl.unpack_slowmo(buf, params, anchors, momenta, scale, lrs, 1.0, 0.7, 0),
             sync, repeats, warmup, setup=restore)
         restore()
+    del saved, anchors, momenta
+    moved = {}  # op -> bytes read + written
+    if ops in ("all", "compress"):
+        moved = bench_compress(T, params, impls, device, sync, repeats, warmup)
     for key in ("times_s", "min_times_s"):
         tt = res[key]
         m = tt["memcpy"]
         res["ratios" if key == "times_s" else "min_ratios"] = {
             k: (v / (2 * m) if k.endswith("pack+unpack_average") else v / m)
-            for k, v in tt.items() if k != "memcpy"}
+            for k, v in tt.items() if k != "memcpy" and not k.startswith("memcpy[")}
     res["memcpy_GBps"] = 2 * nbytes / res["times_s"]["memcpy"] / 1e9  # read + write
+    # the compressed / overlapped ops: GB/s of their traffic, and time / memcpy of the same bytes
+    res["bytes_moved"], res["GBps"] = {}, {}
+    for k in list(res["times_s"]):
+        op = k.split(".", 1)[-1]
+        if op not in moved:
+            continue
+        b = moved[op]
+        res["bytes_moved"][k] = b
+        res["GBps"][k] = b / res["times_s"][k] / 1e9
+        for key, rkey in (("times_s", "ratios"), ("min_times_s", "min_ratios")):
+            res[rkey][k] = res[key][k] / res[key][f"memcpy[{b}]"]
     return res
+
+
+N_RANKS = 4  # dequantize_int8_mean: the allgathered payloads of 4 ranks
+
+
+def bench_compress(T, params, impls, device, sync, repeats, warmup) -> dict:
+    """Times the overlapped / compressed ops on `params` (float32) into T; returns the bytes each
+    op reads + writes (by op name), after timing a memcpy of those bytes (memcpy[<bytes>])."""
+    acc = torch.float32
+    numels = [p.numel() for p in params]
+    total = sum(numels)
+    nb = K.int8_num_blocks(numels)
+    g = torch.Generator(device=device).manual_seed(0)
+    # Inputs chosen so that repeated calls stay put (no drift into subnormals or overflow):
+    # sent = x and buf = x make the overlapped packs fixed points; the residuals stay below
+    # half a quantisation step.
+    x = [p.clone() for p in params]
+    sent = [p.to(acc) for p in x]
+    bases = [s.clone() for s in sent]
+    anchors = [p + 0.01 * torch.randn(p.shape, generator=g, device=device) for p in x]
+    residuals = [torch.zeros_like(a) for a in anchors]
+    buf = torch.cat([p.reshape(-1) for p in x])
+    hbuf = (0.004 * torch.randn(total, generator=g, device=device)).half()
+    abuf = hbuf.float()
+    q = torch.zeros(total, dtype=torch.int8, device=device)
+    scales = torch.zeros(nb, dtype=acc, device=device)
+    q_all = torch.randint(-127, 128, (N_RANKS, total), generator=g, device=device,
+                          dtype=torch.int8)
+    s_all = 1e-4 * torch.rand(N_RANKS, nb, generator=g, device=device)
+    out = torch.zeros(total, dtype=acc, device=device)
+    e4, e2 = 4 * total, 2 * total  # bytes of one float32 / float16 pass
+    moved = {
+        "overlap_average_pack": 2 * e4 + 2 * e4 + 2 * e4,      # buf, params, sent: r + w
+        "carry_pack": e4 + 2 * e4 + 2 * e4 + e4,              # base r, params + sent r/w, buf w
+        "pack_delta_fp16": e4 + e4 + 2 * e4 + e2,             # x, c r; e r/w; buf w
+        "quantize_int8": e4 + e4 + 2 * e4 + total + 4 * nb,   # x, c r; e r/w; q, scales w
+        "dequantize_int8_mean": N_RANKS * (total + 4 * nb) + e4,  # q_all, scales_all r; out w
+        "unpack_delta_average[f16]": e2 + 2 * e4 + e4,        # buf r; c r/w; x w
+        "unpack_delta_average[f32]": e4 + 2 * e4 + e4,
+        "overlap_delta_pack_fp16": 2 * e2 + 4 * (2 * e4),     # buf; x, c, s, e: r + w
+    }
+    # memcpy of the same bytes: a copy of half of them (one read + one write)
+    most = max(moved.values()) // 2
+    src = torch.randint(0, 255, (most,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for b in sorted(set(moved.values())):
+        T[f"memcpy[{b}]"] = timeit(lambda: dst[: b // 2].copy_(src[: b // 2]), sync, repeats,
+                                   warmup)
+    del src, dst
+    for iname, impl in impls:
+        runs = {
+            "overlap_average_pack": lambda: impl.overlap_average_pack(buf, x, sent, 1.0, 0),
+            "carry_pack": lambda: impl.carry_pack(bases, x, sent, buf, 0),
+            "pack_delta_fp16": lambda: impl.pack_delta_fp16(x, anchors, residuals, hbuf, 0),
+            "quantize_int8": lambda: impl.quantize_int8(x, anchors, residuals, q, scales, 0, 0),
+            "dequantize_int8_mean": lambda: impl.dequantize_int8_mean(
+                q_all, s_all, out, 1.0 / N_RANKS, numels, 0, 0, 0),
+            "unpack_delta_average[f16]": lambda: impl.unpack_delta_average(hbuf, x, anchors,
+                                                                           0.25, 0),
+            "unpack_delta_average[f32]": lambda: impl.unpack_delta_average(abuf, x, anchors,
+                                                                           0.25, 0),
+            "overlap_delta_pack_fp16": lambda: impl.overlap_delta_pack_fp16(
+                hbuf, x, anchors, sent, residuals, 0.25, 0),
+        }
+        for op, fn in runs.items():
+            T[f"{iname}.{op}"] = timeit(fn, sync, repeats, warmup)
+    return moved
 
 
 class _Times:
@@ -128,20 +216,31 @@ class _Times:
 
 
 def print_table(results) -> None:
-    print(f"{'workload':<22} {'what':<32} {'median ms':>10} {'ratio':>7} {'min ms':>9} {'ratio':>7}")
+    print(f"{'workload':<22} {'what':<40} {'median ms':>10} {'ratio':>7} {'min ms':>9} "
+          f"{'ratio':>7} {'GB/s':>7}")
     for r in results:
         wl = f"{r['workload']} ({r['tensors']} t, {r['params'] / 1e6:g}M)"
         for k, v in r["times_s"].items():
+            if k.startswith("memcpy["):
+                continue
             vmin = r["min_times_s"][k]
+            gbps = r.get("GBps", {}).get(k)
             if k == "memcpy":
                 name, ratio, rmin = "memcpy: buf.copy_(src)", 1.0, 1.0
+                gbps = r["memcpy_GBps"]
             else:
                 name, ratio, rmin = k, r["ratios"][k], r["min_ratios"][k]
                 if k.endswith("pack+unpack_average"):
                     name += " [/2x]"
-            print(f"{wl:<22} {name:<32} {v * 1e3:>10.3f} {ratio:>7.2f} {vmin * 1e3:>9.3f} {rmin:>7.2f}")
+                elif gbps is not None:
+                    name += f" [{r['bytes_moved'][k] / r['params']:.4g} B/el]"
+            gb = f"{gbps:>7.2f}" if gbps is not None else f"{'':>7}"
+            print(f"{wl:<22} {name:<40} {v * 1e3:>10.3f} {ratio:>7.2f} {vmin * 1e3:>9.3f} "
+                  f"{rmin:>7.2f} {gb}")
             wl = ""
-    print("ratio = time / memcpy time of the same bytes; [/2x]: / (2 x memcpy), the two-pass bound")
+    print("ratio = time / memcpy time of the same bytes; [/2x]: / (2 x memcpy), the two-pass "
+          "bound; [B/el]: bytes read + written per element (the op's traffic; its ratio is to "
+          "a memcpy moving as many bytes); GB/s = that traffic / time")
 
 
 def main(argv=None) -> int:
@@ -151,13 +250,16 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="1/10 of the sizes (smoke test)")
     ap.add_argument("--no-python", action="store_true", help="skip the fallback")
+    ap.add_argument("--ops", default="all", choices=["all", "base", "compress"],
+                    help="base: pack/unpack ops; compress: the overlapped/compressed ops")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = ap.parse_args(argv)
     if args.repeats < 10 and not args.quick:
         ap.error("--repeats must be >= 10 (median of >= 10 runs)")
     div = 10 if args.quick else 1
     workloads = [("a", 160, 25_000_000 // div), ("b", 50, 1_000_000 // div)]
-    results = [bench_workload(n, t, p, args.device, args.repeats, args.warmup, not args.no_python)
+    results = [bench_workload(n, t, p, args.device, args.repeats, args.warmup, not args.no_python,
+                              args.ops)
                for n, t, p in workloads]
     meta = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -168,6 +270,7 @@ def main(argv=None) -> int:
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "repeats": args.repeats,
+        "ops": args.ops,
         "warmup": args.warmup,
         "statistic": "median (times_s, ratios) and min (min_times_s, min_ratios)",
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -20,9 +20,18 @@
 // and then added in block order, so results do not depend on the number of threads.
 // Compiled with -ffp-contract=off so that a*b+c is never fused into an FMA: each operation is
 // rounded separately, like the PyTorch fallback.
+//
+// The overlapped / compressed ops (overlap_average_pack ... overlap_delta_pack_fp16, at the end)
+// convert float16 in bulk, 256 elements at a time, with F16C where the CPU has it (checked at run
+// time; c10's software conversion elsewhere: the same correctly rounded values), and quantise
+// int8 one 256-element block at a time; their semantics are in csrc/cuda/fused_sync_kernels.h.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -31,6 +40,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -44,6 +54,11 @@
 double hl_cuda_execute(int op, const at::Tensor& buf, int64_t offset,
                        const std::vector<hl_seg>& segs, int64_t total, double scale, double beta);
 std::string hl_cuda_info();
+// The overlapped / compressed ops (HL_OP_OVERLAP_AVERAGE_PACK and later): one launch; returns
+// the guard's bits (the max of |value|'s bit patterns) when `guard`, else 0.
+uint64_t hl_cuda_execute2(int op, int dtype, int buf_dtype, const hl_args& args,
+                          const at::Tensor& like, const std::vector<hl_seg>& segs, int64_t total,
+                          int64_t nblocks, bool guard);
 #endif
 
 namespace {
@@ -67,11 +82,15 @@ std::string dtype_name(at::ScalarType t) {
 struct Call {
   const char* fn;
   at::Tensor buf;
+  const char* bufname = "buf";  // what the messages call `buf` (q, out: the int8 ops)
   int64_t offset = 0;
   int64_t total = 0;
   std::vector<hl_seg> segs;
   std::vector<at::Tensor> keep;                              // contiguous copies in use
   std::vector<std::pair<at::Tensor, at::Tensor>> writeback;  // (original, contiguous copy)
+  // The overlapped / compressed ops (hl_cuda_launch2): their buffers, and the int8 blocks.
+  hl_args args{};
+  int64_t nblocks = 0;
 };
 
 void check_buf(const char* fn, const at::Tensor& buf, int64_t offset) {
@@ -89,16 +108,19 @@ void check_buf(const char* fn, const at::Tensor& buf, int64_t offset) {
 // Checks tensor `idx` of list `arg` and returns its contiguous storage. `written`: the op
 // writes it (a non-contiguous tensor is then written back after the kernel ran).
 // `want_numel` >= 0: the tensor must have that many elements, those of `ref`[idx].
+// `note`: why `want` is expected (default: the dtype of buf, or the state dtype).
 void* prepare(Call& c, const char* arg, size_t idx, const at::Tensor& t, at::ScalarType want,
-              int64_t want_numel, bool written, const char* ref = "params") {
+              int64_t want_numel, bool written, const char* ref = "params",
+              const char* note = nullptr) {
   TORCH_CHECK_TYPE(t.defined(), "horovod_local.", c.fn, ": ", arg, "[", idx, "] is undefined (None)");
   TORCH_CHECK_TYPE(t.scalar_type() == want, "horovod_local.", c.fn, ": ", arg, "[", idx,
                    "] has dtype ", dtype_name(t.scalar_type()), ", expected ", dtype_name(want),
-                   (want == c.buf.scalar_type() ? " (the dtype of buf)"
-                                                : " (float32 state for 16-bit/float32 params, "
-                                                  "float64 for float64 params)"));
+                   (note != nullptr ? note
+                    : want == c.buf.scalar_type() ? " (the dtype of buf)"
+                                                  : " (float32 state for 16-bit/float32 params, "
+                                                    "float64 for float64 params)"));
   TORCH_CHECK_VALUE(t.device() == c.buf.device(), "horovod_local.", c.fn, ": ", arg, "[", idx,
-                    "] is on ", t.device(), " but buf is on ", c.buf.device());
+                    "] is on ", t.device(), " but ", c.bufname, " is on ", c.buf.device());
   if (want_numel >= 0) {
     TORCH_CHECK_VALUE(t.numel() == want_numel, "horovod_local.", c.fn, ": ", arg, "[", idx,
                       "] has ", t.numel(), " elements (shape ", t.sizes(), ") but ", ref, "[", idx,
@@ -518,6 +540,783 @@ void unpack_adaalter(const at::Tensor& buf, const std::vector<at::Tensor>& accum
   execute<HL_OP_ADAALTER>(c, scale, 0.0);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Overlapped rounds and compressed syncs (docs/SEMANTICS.md, "Overlapped rounds" and "Compressed
+// syncs"). T = the params' dtype, A = its acc (state) dtype; B = the buffer's dtype.
+
+constexpr int64_t kQ = HL_INT8_BLOCK;              // elements per int8 block (one scale)
+constexpr int64_t kQBlocksPerItem = kBlock / kQ;   // int8 blocks per parallel work item
+
+template <typename B>
+inline typename Bits<B>::U abs_bits(B v) {
+  typename Bits<B>::U u;
+  std::memcpy(&u, &v, sizeof(u));
+  return static_cast<typename Bits<B>::U>(u & Bits<B>::kAbs);
+}
+
+// The guard from the max of |value|'s bit patterns: that value, or NaN for a NaN/Inf.
+template <typename B>
+double guard_value(uint64_t top) {
+  if (top >= static_cast<uint64_t>(Bits<B>::kInf)) return std::numeric_limits<double>::quiet_NaN();
+  const typename Bits<B>::U u = static_cast<typename Bits<B>::U>(top);
+  B v;
+  std::memcpy(&v, &u, sizeof(v));
+  return static_cast<double>(load(v));
+}
+
+#ifdef WITH_CUDA
+double guard_from_bits(uint64_t top, at::ScalarType bt) {
+  switch (bt) {
+    case at::kFloat: return guard_value<float>(top);
+    case at::kDouble: return guard_value<double>(top);
+    case at::kHalf: return guard_value<at::Half>(top);
+    case at::kBFloat16: return guard_value<at::BFloat16>(top);
+    default: return std::numeric_limits<double>::quiet_NaN();
+  }
+}
+#endif
+
+// Round to nearest, ties to even, of v clamped to [-127, 127] (NaN -> 0); equal to
+// clamp(rne(v), -127, 127). The add/subtract of 1.5 * 2^(mantissa bits) rounds to an integer
+// under the default rounding mode (-ffp-contract=off, no fast-math: it is not folded away).
+template <typename A>
+struct Rne;
+template <>
+struct Rne<float> {
+  static constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+};
+template <>
+struct Rne<double> {
+  static constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
+};
+template <typename A>
+inline A rne_clamp127(A v) {
+  v = (v == v) ? v : A(0);
+  v = v > A(127) ? A(127) : v;
+  v = v < A(-127) ? A(-127) : v;
+  return (v + Rne<A>::kMagic) - Rne<A>::kMagic;
+}
+
+// float16 <-> float in bulk: F16C (vcvtps2ph with round-to-nearest-even, vcvtph2ps) where the
+// CPU has it, else c10's software conversion; both give the correctly rounded values (NaN
+// payloads aside). c10::Half's scalar conversion costs ~10 ns an element without F16C code.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define HL_F16C 1
+__attribute__((target("avx,f16c"))) void half_from_float_f16c(const float* s, at::Half* d,
+                                                               int64_t n) {
+  uint16_t* o = reinterpret_cast<uint16_t*>(d);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; ++i) o[i] = _cvtss_sh(s[i], _MM_FROUND_TO_NEAREST_INT);
+}
+__attribute__((target("avx,f16c"))) void float_from_half_f16c(const at::Half* s, float* d,
+                                                               int64_t n) {
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(s);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(d + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  }
+  for (; i < n; ++i) d[i] = _cvtsh_ss(in[i]);
+}
+bool cpu_has_f16c() {
+  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+void half_from_float(const float* s, at::Half* d, int64_t n) {
+#ifdef HL_F16C
+  if (cpu_has_f16c()) return half_from_float_f16c(s, d, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) d[i] = at::Half(s[i]);
+}
+void float_from_half(const at::Half* s, float* d, int64_t n) {
+#ifdef HL_F16C
+  if (cpu_has_f16c()) return float_from_half_f16c(s, d, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<float>(s[i]);
+}
+
+constexpr int64_t kChunk = 256;  // elements per step of the chunked (float16) loops
+
+// acc values of a chunk of T (m <= kChunk)
+template <typename T>
+inline void load_chunk(const T* src, typename Cpu<T>::acc* dst, int64_t m) {
+  if constexpr (std::is_same<T, at::Half>::value) {
+    float_from_half(src, dst, m);
+  } else {
+    for (int64_t k = 0; k < m; ++k) dst[k] = load(src[k]);
+  }
+}
+// T values of a chunk of acc values, each rounded once
+template <typename T>
+inline void store_chunk(const typename Cpu<T>::acc* src, T* dst, int64_t m) {
+  if constexpr (std::is_same<T, at::Half>::value) {
+    half_from_float(src, dst, m);
+  } else {
+    for (int64_t k = 0; k < m; ++k) dst[k] = store<T>(src[k]);
+  }
+}
+// float16 of acc values, each rounded once. A double is first rounded to float with
+// round-to-odd (exact, or else the neighbour whose last bit is 1), which float16's nearest-even
+// rounding then turns into the correctly rounded result (float keeps 13 more bits than
+// float16); a plain (float) cast would round twice.
+inline void half_chunk(const float* src, at::Half* dst, int64_t m) { half_from_float(src, dst, m); }
+inline void half_chunk(const double* src, at::Half* dst, int64_t m) {
+  float f[kChunk];
+  for (int64_t k = 0; k < m; ++k) {
+    const double v = src[k];
+    float x = static_cast<float>(v);
+    if (static_cast<double>(x) != v && v == v) {  // round to odd
+      uint32_t u;
+      std::memcpy(&u, &x, sizeof(u));
+      if ((u & 1u) == 0u) u = std::fabs(static_cast<double>(x)) < std::fabs(v) ? (u | 1u) : (u - 1u);
+      std::memcpy(&x, &u, sizeof(u));
+    }
+    f[k] = x;
+  }
+  half_from_float(f, dst, m);
+}
+inline uint16_t max_abs_half_bits(const at::Half* h, int64_t m) {
+  const hl_u16* u = reinterpret_cast<const hl_u16*>(h);
+  uint16_t top = 0;
+  for (int64_t k = 0; k < m; ++k) {
+    const uint16_t a = static_cast<uint16_t>(u[k] & 0x7FFFu);
+    top = top < a ? a : top;
+  }
+  return top;
+}
+
+// Elements [lb, le) (tensor-local) of one segment of an element-wise op; returns the max of
+// |stored buffer value|'s bits (ops with a guard), else 0.
+template <int OP, typename T, typename B>
+uint64_t run_segment2(const Call& c, const hl_seg& s, int64_t lb, int64_t le,
+                      typename Cpu<T>::acc scale) {
+  using A = typename Cpu<T>::acc;
+  using U = typename Bits<B>::U;
+  B* __restrict__ b = static_cast<B*>(c.args.buf) + c.args.offset + s.start;
+  T* __restrict__ p = static_cast<T*>(s.p0);
+  U top = 0;
+  constexpr bool kHalfT = std::is_same<T, at::Half>::value;
+  constexpr bool kHalfB = std::is_same<B, at::Half>::value;
+  if constexpr ((OP == HL_OP_OVERLAP_AVERAGE_PACK || OP == HL_OP_CARRY_PACK) && kHalfT) {
+    // float16 params (B = T): chunks converted in bulk
+    const A* __restrict__ base = static_cast<const A*>(s.p1);  // CARRY_PACK only
+    A* __restrict__ sp = static_cast<A*>(OP == HL_OP_CARRY_PACK ? s.p2 : s.p1);
+    A pv[kChunk], xv[kChunk];
+    for (int64_t i0 = lb; i0 < le; i0 += kChunk) {
+      const int64_t m = std::min(kChunk, le - i0);
+      load_chunk(p + i0, pv, m);
+      if constexpr (OP == HL_OP_OVERLAP_AVERAGE_PACK) {
+        A bv[kChunk];
+        load_chunk(b + i0, bv, m);
+        for (int64_t k = 0; k < m; ++k) {
+          const A a = bv[k] * scale;
+          xv[k] = a + (pv[k] - sp[i0 + k]);
+        }
+      } else {
+        for (int64_t k = 0; k < m; ++k) xv[k] = base[i0 + k] + (pv[k] - sp[i0 + k]);
+      }
+      store_chunk(xv, p + i0, m);
+      std::memcpy(b + i0, p + i0, static_cast<size_t>(m) * sizeof(T));
+      load_chunk(p + i0, sp + i0, m);
+      top = std::max<U>(top, max_abs_half_bits(p + i0, m));
+    }
+  } else if constexpr (OP == HL_OP_UNPACK_DELTA_AVERAGE && (kHalfT || kHalfB)) {
+    A* __restrict__ cp = static_cast<A*>(s.p1);
+    A bv[kChunk], xv[kChunk];
+    for (int64_t i0 = lb; i0 < le; i0 += kChunk) {
+      const int64_t m = std::min(kChunk, le - i0);
+      if constexpr (kHalfB) {
+        float f[kChunk];
+        float_from_half(b + i0, f, m);
+        for (int64_t k = 0; k < m; ++k) bv[k] = static_cast<A>(f[k]);
+      } else {
+        for (int64_t k = 0; k < m; ++k) bv[k] = static_cast<A>(load(b[i0 + k]));
+      }
+      for (int64_t k = 0; k < m; ++k) {
+        const A nc = cp[i0 + k] + bv[k] * scale;
+        cp[i0 + k] = nc;
+        xv[k] = nc;
+      }
+      store_chunk(xv, p + i0, m);
+    }
+  } else if constexpr (OP == HL_OP_PACK_DELTA_FP16) {
+    const A* __restrict__ cp = static_cast<const A*>(s.p1);
+    A* __restrict__ ep = static_cast<A*>(s.p2);
+    A pv[kChunk], dv[kChunk];
+    float qf[kChunk];
+    for (int64_t i0 = lb; i0 < le; i0 += kChunk) {
+      const int64_t m = std::min(kChunk, le - i0);
+      load_chunk(p + i0, pv, m);
+      for (int64_t k = 0; k < m; ++k) dv[k] = (pv[k] - cp[i0 + k]) + ep[i0 + k];
+      half_chunk(dv, b + i0, m);
+      float_from_half(b + i0, qf, m);
+      for (int64_t k = 0; k < m; ++k) ep[i0 + k] = dv[k] - static_cast<A>(qf[k]);
+      top = std::max<U>(top, max_abs_half_bits(b + i0, m));
+    }
+  } else if constexpr (OP == HL_OP_OVERLAP_DELTA_PACK_FP16) {
+    A* __restrict__ cp = static_cast<A*>(s.p1);
+    A* __restrict__ sp = static_cast<A*>(s.p2);
+    A* __restrict__ ep = static_cast<A*>(s.p3);
+    A pv[kChunk], ncv[kChunk], xv[kChunk], dv[kChunk];
+    float f[kChunk];
+    for (int64_t i0 = lb; i0 < le; i0 += kChunk) {
+      const int64_t m = std::min(kChunk, le - i0);
+      float_from_half(b + i0, f, m);
+      load_chunk(p + i0, pv, m);
+      for (int64_t k = 0; k < m; ++k) {
+        const A nc = cp[i0 + k] + static_cast<A>(f[k]) * scale;
+        ncv[k] = nc;
+        xv[k] = nc + (pv[k] - sp[i0 + k]);
+      }
+      store_chunk(xv, p + i0, m);  // x = T(...)
+      load_chunk(p + i0, xv, m);   // acc(x)
+      for (int64_t k = 0; k < m; ++k) {
+        dv[k] = (xv[k] - ncv[k]) + ep[i0 + k];
+        sp[i0 + k] = xv[k];
+        cp[i0 + k] = ncv[k];
+      }
+      half_chunk(dv, b + i0, m);
+      float_from_half(b + i0, f, m);
+      for (int64_t k = 0; k < m; ++k) ep[i0 + k] = dv[k] - static_cast<A>(f[k]);
+      top = std::max<U>(top, max_abs_half_bits(b + i0, m));
+    }
+  } else if constexpr (OP == HL_OP_OVERLAP_AVERAGE_PACK) {
+    A* __restrict__ sp = static_cast<A*>(s.p1);
+    for (int64_t i = lb; i < le; ++i) {
+      const A a = load(b[i]) * scale;
+      const T x = store<T>(a + (load(p[i]) - sp[i]));
+      sp[i] = load(x);
+      p[i] = x;
+      b[i] = x;
+      const U u = abs_bits(x);
+      top = top < u ? u : top;
+    }
+  } else if constexpr (OP == HL_OP_CARRY_PACK) {
+    const A* __restrict__ base = static_cast<const A*>(s.p1);
+    A* __restrict__ sp = static_cast<A*>(s.p2);
+    for (int64_t i = lb; i < le; ++i) {
+      const T x = store<T>(base[i] + (load(p[i]) - sp[i]));
+      sp[i] = load(x);
+      p[i] = x;
+      b[i] = x;
+      const U u = abs_bits(x);
+      top = top < u ? u : top;
+    }
+  } else if constexpr (OP == HL_OP_UNPACK_DELTA_AVERAGE) {
+    A* __restrict__ cp = static_cast<A*>(s.p1);
+    for (int64_t i = lb; i < le; ++i) {
+      const A nc = cp[i] + static_cast<A>(load(b[i])) * scale;
+      cp[i] = nc;
+      p[i] = store<T>(nc);
+    }
+  }
+  return static_cast<uint64_t>(top);
+}
+
+// Calls f(segment, lb, le) for the pieces of the segments overlapping the flat range [fb, fe).
+template <typename F>
+inline void for_pieces(const std::vector<hl_seg>& segs, int64_t fb, int64_t fe, F&& f) {
+  const int64_t nsegs = static_cast<int64_t>(segs.size());
+  int64_t lo = 0, hi = nsegs - 1;  // last segment with start <= fb
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (segs[mid].start <= fb) lo = mid; else hi = mid - 1;
+  }
+  for (int64_t j = lo; j < nsegs && segs[j].start < fe; ++j) {
+    const hl_seg& s = segs[j];
+    f(s, std::max(fb, s.start) - s.start, std::min(fe, s.start + s.numel) - s.start);
+  }
+}
+
+template <int OP, typename T, typename B>
+double run_cpu2_typed(const Call& c) {
+  using A = typename Cpu<T>::acc;
+  const A scale = static_cast<A>(c.args.scale);
+  const int64_t total = c.total;
+  if (total == 0) return 0.0;
+  const int64_t nblocks = (total + kBlock - 1) / kBlock;
+  std::vector<uint64_t> partial(nblocks, 0);
+  at::parallel_for(0, nblocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      uint64_t top = 0;
+      for_pieces(c.segs, blk * kBlock, std::min(blk * kBlock + kBlock, total),
+                 [&](const hl_seg& s, int64_t lb, int64_t le) {
+                   top = std::max(top, run_segment2<OP, T, B>(c, s, lb, le, scale));
+                 });
+      partial[blk] = top;
+    }
+  });
+  uint64_t top = 0;
+  for (uint64_t v : partial) top = std::max(top, v);
+  return guard_value<B>(top);
+}
+
+// The segment holding int8 block w (a global block index): the last one with aux <= w.
+inline const hl_seg& seg_of_block(const std::vector<hl_seg>& segs, int64_t w) {
+  int64_t lo = 0, hi = static_cast<int64_t>(segs.size()) - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) >> 1;
+    if (segs[mid].aux <= w) lo = mid; else hi = mid - 1;
+  }
+  return segs[lo];
+}
+
+// max over k of |d[k]|'s bits (an integer max, which vectorises; a float one would need
+// fast-math): the bits of max |d| when every d is finite, >= the bits of +Inf otherwise.
+HL_CLONES uint32_t max_abs_bits(const float* d, int64_t n) {
+  const hl_u32* u = reinterpret_cast<const hl_u32*>(d);
+  uint32_t top = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t a = u[k] & UINT32_C(0x7FFFFFFF);
+    top = top < a ? a : top;
+  }
+  return top;
+}
+uint64_t max_abs_bits(const double* d, int64_t n) {
+  const hl_u64* u = reinterpret_cast<const hl_u64*>(d);
+  uint64_t top = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    const uint64_t a = u[k] & UINT64_C(0x7FFFFFFFFFFFFFFF);
+    top = top < a ? a : top;
+  }
+  return top;
+}
+
+template <typename T>
+void quantize_block(const Call& c, const hl_seg& s, int64_t w) {
+  using A = typename Cpu<T>::acc;
+  const int64_t lb = (w - s.aux) * kQ;
+  const int64_t n = std::min(kQ, s.numel - lb);
+  const T* __restrict__ p = static_cast<const T*>(s.p0) + lb;
+  const A* __restrict__ cp = static_cast<const A*>(s.p1) + lb;
+  A* __restrict__ ep = static_cast<A*>(s.p2) + lb;
+  int8_t* __restrict__ q = static_cast<int8_t*>(c.args.buf) + c.args.offset + s.start + lb;
+  A d[kQ];
+  if constexpr (std::is_same<T, at::Half>::value) {
+    load_chunk(p, d, n);
+    for (int64_t k = 0; k < n; ++k) d[k] = (d[k] - cp[k]) + ep[k];
+  } else {
+    for (int64_t k = 0; k < n; ++k) d[k] = (load(p[k]) - cp[k]) + ep[k];
+  }
+  using UA = typename Bits<A>::U;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // d[0, n) is written above
+  const UA top = static_cast<UA>(max_abs_bits(d, n));
+#pragma GCC diagnostic pop
+  A amax;
+  std::memcpy(&amax, &top, sizeof(amax));
+  A scale;
+  if (top >= Bits<A>::kInf) {  // some d is NaN or Inf
+    scale = std::numeric_limits<A>::quiet_NaN();
+    for (int64_t k = 0; k < n; ++k) q[k] = 0;
+  } else if (amax == A(0)) {
+    scale = A(0);
+    for (int64_t k = 0; k < n; ++k) q[k] = 0;
+  } else {
+    const A r = A(127) / amax;
+    scale = amax / A(127);
+    if (r <= std::numeric_limits<A>::max()) {
+      // |d * r| <= RN(amax * RN(127 / amax)) < 127.5: rne(d * r) needs no clamp and no NaN
+      // check here (equal to rne_clamp127), and the loop vectorises.
+      for (int64_t k = 0; k < n; ++k) {
+        const A v = d[k] * r;
+        q[k] = static_cast<int8_t>(static_cast<int>((v + Rne<A>::kMagic) - Rne<A>::kMagic));
+      }
+    } else {  // amax < 127 / max_finite: r = Inf, d * r is NaN (d = 0) or +-Inf
+      for (int64_t k = 0; k < n; ++k) q[k] = static_cast<int8_t>(static_cast<int>(rne_clamp127(d[k] * r)));
+    }
+  }
+  for (int64_t k = 0; k < n; ++k) ep[k] = d[k] - static_cast<A>(q[k]) * scale;
+  static_cast<A*>(c.args.sbuf)[c.args.soffset + w] = scale;
+}
+
+template <typename A>
+void dequant_block(const Call& c, const hl_seg& s, int64_t w) {
+  const int64_t lb = (w - s.aux) * kQ;
+  const int64_t n = std::min(kQ, s.numel - lb);
+  const int8_t* q = static_cast<const int8_t*>(c.args.qbuf) + c.args.qoffset + s.start + lb;
+  const A* sc = static_cast<const A*>(c.args.sbuf) + c.args.soffset + w;
+  A* __restrict__ out = static_cast<A*>(c.args.buf) + c.args.offset + s.start + lb;
+  A v[kQ];
+  const A s0 = sc[0];
+  for (int64_t k = 0; k < n; ++k) v[k] = static_cast<A>(q[k]) * s0;
+  for (int64_t r = 1; r < c.args.nranks; ++r) {
+    const int8_t* __restrict__ qr = q + r * c.args.qstride;
+    const A sr = sc[r * c.args.sstride];
+    for (int64_t k = 0; k < n; ++k) v[k] = v[k] + static_cast<A>(qr[k]) * sr;
+  }
+  const A inv = static_cast<A>(c.args.scale);
+  for (int64_t k = 0; k < n; ++k) out[k] = v[k] * inv;
+}
+
+// f(segment, w) for every int8 block w, in work items of kQBlocksPerItem blocks.
+template <typename F>
+void run_int8_blocks(const Call& c, F&& f) {
+  if (c.nblocks == 0) return;
+  const int64_t nitems = (c.nblocks + kQBlocksPerItem - 1) / kQBlocksPerItem;
+  at::parallel_for(0, nitems, kGrainBlocks, [&](int64_t i0, int64_t i1) {
+    const int64_t we = std::min(i1 * kQBlocksPerItem, c.nblocks);
+    for (int64_t w = i0 * kQBlocksPerItem; w < we; ++w) f(seg_of_block(c.segs, w), w);
+  });
+}
+
+template <int OP, typename T>
+double run_cpu2_t(const Call& c, at::ScalarType bt) {
+  using A = typename Cpu<T>::acc;
+  if constexpr (OP == HL_OP_OVERLAP_AVERAGE_PACK || OP == HL_OP_CARRY_PACK) {
+    return run_cpu2_typed<OP, T, T>(c);
+  } else if constexpr (OP == HL_OP_PACK_DELTA_FP16 || OP == HL_OP_OVERLAP_DELTA_PACK_FP16) {
+    return run_cpu2_typed<OP, T, at::Half>(c);
+  } else if constexpr (OP == HL_OP_UNPACK_DELTA_AVERAGE) {
+    if (bt == at::kHalf) return run_cpu2_typed<OP, T, at::Half>(c);
+    return run_cpu2_typed<OP, T, A>(c);
+  } else if constexpr (OP == HL_OP_QUANTIZE_INT8) {
+    run_int8_blocks(c, [&](const hl_seg& s, int64_t w) { quantize_block<T>(c, s, w); });
+  } else if constexpr (OP == HL_OP_DEQUANT_INT8_MEAN) {
+    if constexpr (std::is_same<T, A>::value) {
+      run_int8_blocks(c, [&](const hl_seg& s, int64_t w) { dequant_block<A>(c, s, w); });
+    }
+  }
+  return 0.0;
+}
+
+template <int OP>
+double run_cpu2(const Call& c, at::ScalarType t, at::ScalarType bt) {
+  switch (t) {
+    case at::kFloat: return run_cpu2_t<OP, float>(c, bt);
+    case at::kDouble: return run_cpu2_t<OP, double>(c, bt);
+    case at::kHalf: return run_cpu2_t<OP, at::Half>(c, bt);
+    case at::kBFloat16: return run_cpu2_t<OP, at::BFloat16>(c, bt);
+    default: TORCH_CHECK_TYPE(false, "horovod_local.", c.fn, ": unsupported dtype");
+  }
+  return 0.0;
+}
+
+#ifdef WITH_CUDA
+int hl_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return HL_FLOAT32;
+    case at::kDouble: return HL_FLOAT64;
+    case at::kHalf: return HL_FLOAT16;
+    case at::kBFloat16: return HL_BFLOAT16;
+    case at::kChar: return HL_INT8;
+    default: TORCH_CHECK_TYPE(false, "horovod_local: unsupported dtype ", t);
+  }
+  return -1;
+}
+#endif
+
+// Runs a prepared overlapped / compressed op; t = T (the acc dtype for the dequantisation),
+// bt = the dtype of c.args.buf. Returns the guard (ops with one), else 0.
+template <int OP>
+double execute2(Call& c, at::ScalarType t, at::ScalarType bt, bool guard) {
+  double g = 0.0;
+  {
+    pybind11::gil_scoped_release nogil;
+    if (c.buf.device().is_cuda()) {
+#ifdef WITH_CUDA
+      const uint64_t bits = hl_cuda_execute2(OP, hl_code(t), hl_code(bt), c.args, c.buf, c.segs,
+                                             c.total, c.nblocks, guard);
+      if (guard && c.total > 0) g = guard_from_bits(bits, bt);
+#else
+      TORCH_CHECK(false, "horovod_local.", c.fn,
+                  ": horovod_local._C was built without CUDA; got CUDA tensors");
+#endif
+    } else {
+      g = run_cpu2<OP>(c, t, bt);
+    }
+    if (!c.writeback.empty()) {
+      at::NoGradGuard no_grad;
+      for (auto& wb : c.writeback) wb.first.copy_(wb.second);
+    }
+  }
+  return guard ? g : 0.0;
+}
+
+void bump(const at::Tensor& t) {
+  if (t.numel() > 0 && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+const char* const kStateNote = " (float32 state for 16-bit/float32 params, float64 for float64 params)";
+const char* const kFirstNote = " (the dtype of params[0])";
+
+// T of a call whose buffer does not fix it: the dtype of params[0] (Undefined without params).
+at::ScalarType params_dtype(const char* fn, const std::vector<at::Tensor>& params) {
+  if (params.empty()) return at::ScalarType::Undefined;
+  const at::Tensor& p = params[0];
+  TORCH_CHECK_TYPE(p.defined(), "horovod_local.", fn, ": params[0] is undefined (None)");
+  TORCH_CHECK_TYPE(supported_dtype(p.scalar_type()), "horovod_local.", fn, ": params[0] has dtype ",
+                   dtype_name(p.scalar_type()),
+                   "; supported: torch.float32, torch.float64, torch.float16, torch.bfloat16");
+  return p.scalar_type();
+}
+
+// A flat buffer other than buf (q, scales, out, q_all, scales_all): defined, contiguous, on the
+// device of the call (when `c` is given), offset >= 0. The dtype is checked by the caller.
+void check_flat(const char* fn, const char* arg, const at::Tensor& t, const char* offname,
+                int64_t off, const Call* c) {
+  TORCH_CHECK_TYPE(t.defined(), "horovod_local.", fn, ": ", arg, " is undefined (None)");
+  TORCH_CHECK_VALUE(t.is_contiguous(), "horovod_local.", fn, ": ", arg,
+                    " must be contiguous (it is written/read as one flat buffer)");
+  TORCH_CHECK_VALUE(off >= 0, "horovod_local.", fn, ": ", offname, " must be >= 0, got ", off);
+  if (c == nullptr) {
+    TORCH_CHECK_VALUE(t.device().is_cpu() || t.device().is_cuda(), "horovod_local.", fn, ": ", arg,
+                      " is on ", t.device(), "; the extension supports cpu and cuda");
+  } else {
+    TORCH_CHECK_VALUE(t.device() == c->buf.device(), "horovod_local.", fn, ": ", arg, " is on ",
+                      t.device(), " but ", c->bufname, " is on ", c->buf.device());
+  }
+}
+
+void check_room(const char* fn, const char* arg, int64_t have, const char* offname, int64_t off,
+                int64_t need, const char* what) {
+  TORCH_CHECK_VALUE(off <= have && need <= have - off, "horovod_local.", fn, ": buffer ", arg,
+                    " too small: ", offname, " ", off, " + ", need, " ", what, " = ", off + need,
+                    " elements, but ", arg, " has ", have);
+}
+
+int64_t int8_blocks(int64_t n) { return (n + kQ - 1) / kQ; }
+
+// The int8 block layout of a segment just added: its first block's index, then the count.
+void add_blocks(Call& c, int64_t n) {
+  if (n == 0) return;
+  c.segs.back().aux = c.nblocks;
+  c.nblocks += int8_blocks(n);
+}
+
+double overlap_average_pack(const at::Tensor& buf, const std::vector<at::Tensor>& params,
+                            const std::vector<at::Tensor>& sent, double scale, int64_t offset) {
+  const char* fn = "overlap_average_pack";
+  Call c = begin(fn, buf, offset, params.size());
+  check_len(fn, "sent", sent.size(), params.size());
+  const auto dt = buf.scalar_type();
+  const auto at_ = acc_dtype(dt);
+  for (size_t j = 0; j < params.size(); ++j) {
+    void* p = prepare(c, "params", j, params[j], dt, -1, true);
+    const int64_t n = params[j].numel();
+    void* sp = prepare(c, "sent", j, sent[j], at_, n, true);
+    add_seg(c, p, sp, nullptr, n);
+  }
+  check_capacity(c);
+  c.args.buf = buf.data_ptr();
+  c.args.offset = offset;
+  c.args.scale = scale;
+  if (c.total > 0) bump(buf);
+  return execute2<HL_OP_OVERLAP_AVERAGE_PACK>(c, dt, dt, true);
+}
+
+double carry_pack(const std::vector<at::Tensor>& bases, const std::vector<at::Tensor>& params,
+                  const std::vector<at::Tensor>& sent, const at::Tensor& buf, int64_t offset) {
+  const char* fn = "carry_pack";
+  Call c = begin(fn, buf, offset, params.size());
+  check_len(fn, "bases", bases.size(), params.size());
+  check_len(fn, "sent", sent.size(), params.size());
+  const auto dt = buf.scalar_type();
+  const auto at_ = acc_dtype(dt);
+  for (size_t j = 0; j < params.size(); ++j) {
+    void* p = prepare(c, "params", j, params[j], dt, -1, true);
+    const int64_t n = params[j].numel();
+    void* bp = prepare(c, "bases", j, bases[j], at_, n, false);
+    void* sp = prepare(c, "sent", j, sent[j], at_, n, true);
+    add_seg(c, p, bp, sp, n);
+  }
+  check_capacity(c);
+  c.args.buf = buf.data_ptr();
+  c.args.offset = offset;
+  if (c.total > 0) bump(buf);
+  return execute2<HL_OP_CARRY_PACK>(c, dt, dt, true);
+}
+
+void check_half_buf(const char* fn, const at::Tensor& buf) {
+  TORCH_CHECK_TYPE(buf.scalar_type() == at::kHalf, "horovod_local.", fn, ": buf has dtype ",
+                   dtype_name(buf.scalar_type()), ", expected torch.float16");
+}
+
+double pack_delta_fp16(const std::vector<at::Tensor>& params,
+                       const std::vector<at::Tensor>& anchors,
+                       const std::vector<at::Tensor>& residuals, const at::Tensor& buf,
+                       int64_t offset) {
+  const char* fn = "pack_delta_fp16";
+  Call c = begin(fn, buf, offset, params.size());
+  check_half_buf(fn, buf);
+  check_len(fn, "anchors", anchors.size(), params.size());
+  check_len(fn, "residuals", residuals.size(), params.size());
+  const auto dt = params_dtype(fn, params);
+  const auto at_ = acc_dtype(dt);
+  for (size_t j = 0; j < params.size(); ++j) {
+    void* p = prepare(c, "params", j, params[j], dt, -1, false, "params", kFirstNote);
+    const int64_t n = params[j].numel();
+    void* a = prepare(c, "anchors", j, anchors[j], at_, n, false, "params", kStateNote);
+    void* e = prepare(c, "residuals", j, residuals[j], at_, n, true, "params", kStateNote);
+    add_seg(c, p, a, e, n);
+  }
+  check_capacity(c);
+  c.args.buf = buf.data_ptr();
+  c.args.offset = offset;
+  if (c.total == 0) return 0.0;
+  bump(buf);
+  return execute2<HL_OP_PACK_DELTA_FP16>(c, dt, at::kHalf, true);
+}
+
+void quantize_int8(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& anchors,
+                   const std::vector<at::Tensor>& residuals, const at::Tensor& q,
+                   const at::Tensor& scales, int64_t q_offset, int64_t s_offset) {
+  const char* fn = "quantize_int8";
+  check_flat(fn, "q", q, "q_offset", q_offset, nullptr);
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kChar, "horovod_local.", fn, ": q has dtype ",
+                   dtype_name(q.scalar_type()), ", expected torch.int8");
+  Call c;
+  c.fn = fn;
+  c.buf = q;
+  c.bufname = "q";
+  c.offset = q_offset;
+  c.segs.reserve(params.size());
+  check_flat(fn, "scales", scales, "s_offset", s_offset, &c);
+  check_len(fn, "anchors", anchors.size(), params.size());
+  check_len(fn, "residuals", residuals.size(), params.size());
+  const auto dt = params_dtype(fn, params);
+  const auto at_ = dt == at::ScalarType::Undefined ? scales.scalar_type() : acc_dtype(dt);
+  TORCH_CHECK_TYPE(scales.scalar_type() == at_ && (at_ == at::kFloat || at_ == at::kDouble),
+                   "horovod_local.", fn, ": scales has dtype ", dtype_name(scales.scalar_type()),
+                   ", expected ", (at_ == at::kDouble ? "torch.float64" : "torch.float32"),
+                   kStateNote);
+  for (size_t j = 0; j < params.size(); ++j) {
+    void* p = prepare(c, "params", j, params[j], dt, -1, false, "params", kFirstNote);
+    const int64_t n = params[j].numel();
+    void* a = prepare(c, "anchors", j, anchors[j], at_, n, false, "params", kStateNote);
+    void* e = prepare(c, "residuals", j, residuals[j], at_, n, true, "params", kStateNote);
+    add_seg(c, p, a, e, n);
+    add_blocks(c, n);
+  }
+  check_room(fn, "q", q.numel(), "q_offset", q_offset, c.total, "total numel");
+  check_room(fn, "scales", scales.numel(), "s_offset", s_offset, c.nblocks, "blocks");
+  if (c.total == 0) return;
+  c.args.buf = q.data_ptr();
+  c.args.offset = q_offset;
+  c.args.sbuf = scales.data_ptr();
+  c.args.soffset = s_offset;
+  bump(q);
+  bump(scales);
+  execute2<HL_OP_QUANTIZE_INT8>(c, dt, at::kChar, false);
+}
+
+void dequantize_int8_mean(const at::Tensor& q_all, const at::Tensor& scales_all,
+                          const at::Tensor& out, double inv_n, const std::vector<int64_t>& numels,
+                          int64_t q_offset, int64_t s_offset, int64_t offset) {
+  const char* fn = "dequantize_int8_mean";
+  check_flat(fn, "out", out, "offset", offset, nullptr);
+  const auto at_ = out.scalar_type();
+  TORCH_CHECK_TYPE(at_ == at::kFloat || at_ == at::kDouble, "horovod_local.", fn,
+                   ": out has dtype ", dtype_name(at_), "; supported: torch.float32, torch.float64");
+  Call c;
+  c.fn = fn;
+  c.buf = out;
+  c.bufname = "out";
+  c.offset = offset;
+  c.segs.reserve(numels.size());
+  check_flat(fn, "q_all", q_all, "q_offset", q_offset, &c);
+  TORCH_CHECK_TYPE(q_all.scalar_type() == at::kChar, "horovod_local.", fn, ": q_all has dtype ",
+                   dtype_name(q_all.scalar_type()), ", expected torch.int8");
+  check_flat(fn, "scales_all", scales_all, "s_offset", s_offset, &c);
+  TORCH_CHECK_TYPE(scales_all.scalar_type() == at_, "horovod_local.", fn,
+                   ": scales_all has dtype ", dtype_name(scales_all.scalar_type()), ", expected ",
+                   dtype_name(at_), " (the dtype of out)");
+  TORCH_CHECK_VALUE(q_all.dim() == 2, "horovod_local.", fn,
+                    ": q_all must be 2-D [ranks, elements], got shape ", q_all.sizes());
+  TORCH_CHECK_VALUE(scales_all.dim() == 2, "horovod_local.", fn,
+                    ": scales_all must be 2-D [ranks, blocks], got shape ", scales_all.sizes());
+  const int64_t nranks = q_all.size(0);
+  TORCH_CHECK_VALUE(nranks >= 1, "horovod_local.", fn, ": q_all has no rows (ranks)");
+  TORCH_CHECK_VALUE(scales_all.size(0) == nranks, "horovod_local.", fn, ": scales_all has ",
+                    scales_all.size(0), " rows but q_all has ", nranks);
+  for (size_t j = 0; j < numels.size(); ++j) {
+    TORCH_CHECK_VALUE(numels[j] >= 0, "horovod_local.", fn, ": numels[", j, "] = ", numels[j],
+                      " must be >= 0");
+    add_seg(c, nullptr, nullptr, nullptr, numels[j]);
+    add_blocks(c, numels[j]);
+  }
+  check_room(fn, "q_all", q_all.size(1), "q_offset", q_offset, c.total, "total numel");
+  check_room(fn, "scales_all", scales_all.size(1), "s_offset", s_offset, c.nblocks, "blocks");
+  check_room(fn, "out", out.numel(), "offset", offset, c.total, "total numel");
+  if (c.total == 0) return;
+  c.args.buf = out.data_ptr();
+  c.args.offset = offset;
+  c.args.qbuf = q_all.data_ptr();
+  c.args.qoffset = q_offset;
+  c.args.qstride = q_all.size(1);
+  c.args.sbuf = scales_all.data_ptr();
+  c.args.soffset = s_offset;
+  c.args.sstride = scales_all.size(1);
+  c.args.nranks = nranks;
+  c.args.scale = inv_n;
+  bump(out);
+  execute2<HL_OP_DEQUANT_INT8_MEAN>(c, at_, at_, false);
+}
+
+void unpack_delta_average(const at::Tensor& buf, const std::vector<at::Tensor>& params,
+                          const std::vector<at::Tensor>& anchors, double scale, int64_t offset) {
+  const char* fn = "unpack_delta_average";
+  Call c = begin(fn, buf, offset, params.size());
+  check_len(fn, "anchors", anchors.size(), params.size());
+  const auto dt = params_dtype(fn, params);
+  const auto bt = buf.scalar_type();
+  if (dt != at::ScalarType::Undefined) {
+    const auto at_ = acc_dtype(dt);
+    TORCH_CHECK_TYPE(bt == at::kHalf || bt == at_, "horovod_local.", fn, ": buf has dtype ",
+                     dtype_name(bt), ", expected torch.float16 or ", dtype_name(at_),
+                     " (the state dtype of params of ", dtype_name(dt), ")");
+  }
+  for (size_t j = 0; j < params.size(); ++j) {
+    void* p = prepare(c, "params", j, params[j], dt, -1, true, "params", kFirstNote);
+    const int64_t n = params[j].numel();
+    void* a = prepare(c, "anchors", j, anchors[j], acc_dtype(dt), n, true, "params", kStateNote);
+    add_seg(c, p, a, nullptr, n);
+  }
+  check_capacity(c);
+  if (c.total == 0) return;
+  c.args.buf = buf.data_ptr();
+  c.args.offset = offset;
+  c.args.scale = scale;
+  execute2<HL_OP_UNPACK_DELTA_AVERAGE>(c, dt, bt, false);
+}
+
+double overlap_delta_pack_fp16(const at::Tensor& buf, const std::vector<at::Tensor>& params,
+                               const std::vector<at::Tensor>& anchors,
+                               const std::vector<at::Tensor>& sent,
+                               const std::vector<at::Tensor>& residuals, double scale,
+                               int64_t offset) {
+  const char* fn = "overlap_delta_pack_fp16";
+  Call c = begin(fn, buf, offset, params.size());
+  check_half_buf(fn, buf);
+  check_len(fn, "anchors", anchors.size(), params.size());
+  check_len(fn, "sent", sent.size(), params.size());
+  check_len(fn, "residuals", residuals.size(), params.size());
+  const auto dt = params_dtype(fn, params);
+  const auto at_ = acc_dtype(dt);
+  for (size_t j = 0; j < params.size(); ++j) {
+    void* p = prepare(c, "params", j, params[j], dt, -1, true, "params", kFirstNote);
+    const int64_t n = params[j].numel();
+    void* a = prepare(c, "anchors", j, anchors[j], at_, n, true, "params", kStateNote);
+    void* sp = prepare(c, "sent", j, sent[j], at_, n, true, "params", kStateNote);
+    void* e = prepare(c, "residuals", j, residuals[j], at_, n, true, "params", kStateNote);
+    add_seg(c, p, a, sp, n);
+    if (n > 0) c.segs.back().p3 = e;
+  }
+  check_capacity(c);
+  if (c.total == 0) return 0.0;
+  c.args.buf = buf.data_ptr();
+  c.args.offset = offset;
+  c.args.scale = scale;
+  bump(buf);
+  return execute2<HL_OP_OVERLAP_DELTA_PACK_FP16>(c, dt, at::kHalf, true);
+}
+
 std::string info() {
   std::ostringstream os;
   os << "CPU, " << at::get_num_threads() << " threads";
@@ -555,6 +1354,35 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack_adaalter", &unpack_adaalter, "accumulators = denominators = buf_seg * scale.",
         py::arg("buf"), py::arg("accumulators"), py::arg("denominators"), py::arg("scale"),
         py::arg("offset") = 0);
+  m.def("overlap_average_pack", &overlap_average_pack,
+        "Complete an overlapped round and pack the next: x = T(buf*scale + (x - s)); s = x; "
+        "buf = x. Returns max |x| (NaN if any is non-finite).",
+        py::arg("buf"), py::arg("params"), py::arg("sent"), py::arg("scale"),
+        py::arg("offset") = 0);
+  m.def("carry_pack", &carry_pack,
+        "x = T(base + (x - s)); s = x; buf = x. Returns max |x| (NaN if any is non-finite).",
+        py::arg("bases"), py::arg("params"), py::arg("sent"), py::arg("buf"),
+        py::arg("offset") = 0);
+  m.def("pack_delta_fp16", &pack_delta_fp16,
+        "d = (x - c) + e; q = float16(d); e = d - q; buf = q. Returns max |q| (NaN if any is "
+        "non-finite).",
+        py::arg("params"), py::arg("anchors"), py::arg("residuals"), py::arg("buf"),
+        py::arg("offset") = 0);
+  m.def("quantize_int8", &quantize_int8,
+        "Blockwise (256) int8 quantisation of d = (x - c) + e with error feedback.",
+        py::arg("params"), py::arg("anchors"), py::arg("residuals"), py::arg("q"),
+        py::arg("scales"), py::arg("q_offset") = 0, py::arg("s_offset") = 0);
+  m.def("dequantize_int8_mean", &dequantize_int8_mean,
+        "out = (sum over ranks, in order, of q_r * s_r) * inv_n.", py::arg("q_all"),
+        py::arg("scales_all"), py::arg("out"), py::arg("inv_n"), py::arg("numels"),
+        py::arg("q_offset") = 0, py::arg("s_offset") = 0, py::arg("offset") = 0);
+  m.def("unpack_delta_average", &unpack_delta_average, "c = c + buf * scale; x = T(c).",
+        py::arg("buf"), py::arg("params"), py::arg("anchors"), py::arg("scale"),
+        py::arg("offset") = 0);
+  m.def("overlap_delta_pack_fp16", &overlap_delta_pack_fp16,
+        "Complete an overlapped fp16 delta round and pack the next. Returns max |q|.",
+        py::arg("buf"), py::arg("params"), py::arg("anchors"), py::arg("sent"),
+        py::arg("residuals"), py::arg("scale"), py::arg("offset") = 0);
   m.def("info", &info, "Build and threading information.");
 #ifdef WITH_CUDA
   m.attr("with_cuda") = true;

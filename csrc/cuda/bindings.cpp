@@ -71,6 +71,34 @@ double hl_cuda_execute(int op, const at::Tensor& buf, int64_t offset,
   return ws.narrow(0, 0, 8).view(at::kDouble).item<double>();
 }
 
+uint64_t hl_cuda_execute2(int op, int dtype, int buf_dtype, const hl_args& args,
+                          const at::Tensor& like, const std::vector<hl_seg>& segs, int64_t total,
+                          int64_t nblocks, bool guard) {
+  if (total == 0 || segs.empty()) return 0;
+  TORCH_CHECK(segs.size() <= static_cast<size_t>(INT32_MAX), "horovod_local: too many tensors");
+  c10::cuda::CUDAGuard device_guard(like.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(like.device().index()).stream();
+
+  const int64_t nbytes = static_cast<int64_t>(segs.size() * sizeof(hl_seg));
+  at::Tensor host = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), segs.data(), static_cast<size_t>(nbytes));
+  at::Tensor dsegs = host.to(like.device(), at::kByte, /*non_blocking=*/true);
+
+  hl_args a = args;
+  at::Tensor ws;
+  if (guard) {
+    ws = at::empty({1}, at::TensorOptions().dtype(at::kLong).device(like.device()));
+    a.guard = ws.data_ptr();
+  }
+  const cudaError_t err = hl_cuda_launch2(op, dtype, buf_dtype, &a,
+                                          static_cast<const hl_seg*>(dsegs.data_ptr()),
+                                          static_cast<int>(segs.size()), total, nblocks, stream);
+  TORCH_CHECK(err == cudaSuccess, "horovod_local: CUDA kernel launch failed: ",
+              cudaGetErrorString(err));
+  if (!guard) return 0;
+  return static_cast<uint64_t>(ws.item<int64_t>());
+}
+
 std::string hl_cuda_info() {
   int rt = 0, ndev = 0;
   cudaRuntimeGetVersion(&rt);

@@ -21,6 +21,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 namespace {
 
 template <typename T>
@@ -221,6 +223,324 @@ cudaError_t launch_op(int op, void* buf, int64_t offset, const hl_seg* d_segs, i
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Overlapped rounds and compressed syncs (hl_cuda_launch2). Same chunking as above; the guard
+// (max |stored value|) is reduced on the bit patterns of |value| (an unsigned max, whose order
+// is the order of magnitudes, NaN/Inf on top): per block, then one atomicMax per block.
+
+template <typename B>
+struct GBits;
+template <>
+struct GBits<float> {
+  static __device__ __forceinline__ unsigned long long abs_bits(float v) {
+    return __float_as_uint(v) & 0x7FFFFFFFu;
+  }
+};
+template <>
+struct GBits<double> {
+  static __device__ __forceinline__ unsigned long long abs_bits(double v) {
+    return static_cast<unsigned long long>(__double_as_longlong(v)) & 0x7FFFFFFFFFFFFFFFull;
+  }
+};
+template <>
+struct GBits<__half> {
+  static __device__ __forceinline__ unsigned long long abs_bits(__half v) {
+    return __half_as_ushort(v) & 0x7FFFu;
+  }
+};
+template <>
+struct GBits<__nv_bfloat16> {
+  static __device__ __forceinline__ unsigned long long abs_bits(__nv_bfloat16 v) {
+    return __bfloat16_as_ushort(v) & 0x7FFFu;
+  }
+};
+
+// float16 of a float / of a double, each rounded once (cvt.rn.f16.f64 rounds directly).
+__device__ __forceinline__ __half to_half(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half to_half(double v) { return __double2half(v); }
+
+template <typename A>
+__device__ __forceinline__ A half_to(__half v);
+template <>
+__device__ __forceinline__ float half_to<float>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ double half_to<double>(__half v) {
+  return static_cast<double>(__half2float(v));
+}
+
+// acc of a buffer element (B = T, float16 or acc).
+template <typename A, typename B>
+__device__ __forceinline__ A buf_load(B v) {
+  return static_cast<A>(Traits<B>::load(v));
+}
+
+__device__ __forceinline__ float abs_rn(float v) { return fabsf(v); }
+__device__ __forceinline__ double abs_rn(double v) { return fabs(v); }
+__device__ __forceinline__ float rint_rn(float v) { return rintf(v); }
+__device__ __forceinline__ double rint_rn(double v) { return rint(v); }
+
+template <typename A>
+__device__ __forceinline__ A max_finite();
+template <>
+__device__ __forceinline__ float max_finite<float>() { return 3.402823466e+38f; }
+template <>
+__device__ __forceinline__ double max_finite<double>() { return 1.7976931348623157e+308; }
+
+template <typename A>
+__device__ __forceinline__ A quiet_nan();
+template <>
+__device__ __forceinline__ float quiet_nan<float>() { return __int_as_float(0x7FC00000); }
+template <>
+__device__ __forceinline__ double quiet_nan<double>() { return __longlong_as_double(0x7FF8000000000000LL); }
+
+// clamp(rne(v), -127, 127), NaN -> 0.
+template <typename A>
+__device__ __forceinline__ int8_t rne_clamp127(A v) {
+  v = (v == v) ? v : A(0);
+  v = v > A(127) ? A(127) : v;
+  v = v < A(-127) ? A(-127) : v;
+  return static_cast<int8_t>(static_cast<int>(rint_rn(v)));
+}
+
+__device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const unsigned long long w = __shfl_down_sync(0xffffffffu, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+
+template <typename T, typename B, int OP>
+__global__ void __launch_bounds__(HL_CUDA_THREADS)
+    hl_fused2_kernel(hl_args a, const hl_seg* __restrict__ segs, int nsegs, int64_t total) {
+  using A = typename Traits<T>::acc;
+  const int64_t cbeg = static_cast<int64_t>(blockIdx.x) * HL_CUDA_CHUNK;
+  const int64_t cend = min(cbeg + static_cast<int64_t>(HL_CUDA_CHUNK), total);
+  B* buf = static_cast<B*>(a.buf) + a.offset;
+  const A scale = static_cast<A>(a.scale);
+
+  int lo = 0, hi = nsegs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (segs[mid].start <= cbeg) lo = mid; else hi = mid - 1;
+  }
+
+  unsigned long long top = 0;
+  for (int j = lo; j < nsegs; ++j) {
+    const hl_seg s = segs[j];
+    if (s.start >= cend) break;
+    const int64_t b = max(cbeg, s.start);
+    const int64_t e = min(cend, s.start + s.numel);
+    T* p = static_cast<T*>(s.p0);
+    for (int64_t i = b + threadIdx.x; i < e; i += blockDim.x) {
+      const int64_t li = i - s.start;
+      if constexpr (OP == HL_OP_OVERLAP_AVERAGE_PACK) {
+        A* sp = static_cast<A*>(s.p1);
+        const A av = mul_rn(buf_load<A>(buf[i]), scale);
+        const T x = Traits<T>::store(add_rn(av, sub_rn(Traits<T>::load(p[li]), sp[li])));
+        sp[li] = Traits<T>::load(x);
+        p[li] = x;
+        buf[i] = x;
+        const unsigned long long u = GBits<T>::abs_bits(x);
+        top = u > top ? u : top;
+      } else if constexpr (OP == HL_OP_CARRY_PACK) {
+        const A* base = static_cast<const A*>(s.p1);
+        A* sp = static_cast<A*>(s.p2);
+        const T x = Traits<T>::store(add_rn(base[li], sub_rn(Traits<T>::load(p[li]), sp[li])));
+        sp[li] = Traits<T>::load(x);
+        p[li] = x;
+        buf[i] = x;
+        const unsigned long long u = GBits<T>::abs_bits(x);
+        top = u > top ? u : top;
+      } else if constexpr (OP == HL_OP_PACK_DELTA_FP16) {
+        const A* cp = static_cast<const A*>(s.p1);
+        A* ep = static_cast<A*>(s.p2);
+        const A d = add_rn(sub_rn(Traits<T>::load(p[li]), cp[li]), ep[li]);
+        const __half q = to_half(d);
+        ep[li] = sub_rn(d, half_to<A>(q));
+        buf[i] = q;
+        const unsigned long long u = GBits<__half>::abs_bits(q);
+        top = u > top ? u : top;
+      } else if constexpr (OP == HL_OP_UNPACK_DELTA_AVERAGE) {
+        A* cp = static_cast<A*>(s.p1);
+        const A nc = add_rn(cp[li], mul_rn(buf_load<A>(buf[i]), scale));
+        cp[li] = nc;
+        p[li] = Traits<T>::store(nc);
+      } else if constexpr (OP == HL_OP_OVERLAP_DELTA_PACK_FP16) {
+        A* cp = static_cast<A*>(s.p1);
+        A* sp = static_cast<A*>(s.p2);
+        A* ep = static_cast<A*>(s.p3);
+        const A nc = add_rn(cp[li], mul_rn(buf_load<A>(buf[i]), scale));
+        const T x = Traits<T>::store(add_rn(nc, sub_rn(Traits<T>::load(p[li]), sp[li])));
+        const A xa = Traits<T>::load(x);
+        const A d = add_rn(sub_rn(xa, nc), ep[li]);
+        const __half q = to_half(d);
+        ep[li] = sub_rn(d, half_to<A>(q));
+        sp[li] = xa;
+        cp[li] = nc;
+        p[li] = x;
+        buf[i] = q;
+        const unsigned long long u = GBits<__half>::abs_bits(q);
+        top = u > top ? u : top;
+      } else if constexpr (OP == HL_OP_DEQUANT_INT8_MEAN) {
+        // T = A here; buf = out; aux = the segment's first block.
+        const int8_t* q = static_cast<const int8_t*>(a.qbuf) + a.qoffset + i;
+        const A* sc = static_cast<const A*>(a.sbuf) + a.soffset + s.aux + (li / HL_INT8_BLOCK);
+        A v = mul_rn(static_cast<A>(q[0]), sc[0]);
+        for (int64_t r = 1; r < a.nranks; ++r) {
+          v = add_rn(v, mul_rn(static_cast<A>(q[r * a.qstride]), sc[r * a.sstride]));
+        }
+        buf[i] = mul_rn(v, scale);
+      }
+    }
+  }
+
+  if constexpr (OP == HL_OP_OVERLAP_AVERAGE_PACK || OP == HL_OP_CARRY_PACK ||
+                OP == HL_OP_PACK_DELTA_FP16 || OP == HL_OP_OVERLAP_DELTA_PACK_FP16) {
+    __shared__ unsigned long long sh[HL_CUDA_THREADS / 32];
+    top = warp_max_u64(top);
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    if (lane == 0) sh[warp] = top;
+    __syncthreads();
+    if (warp == 0) {
+      top = (lane < static_cast<int>(blockDim.x >> 5)) ? sh[lane] : 0ull;
+      top = warp_max_u64(top);
+      if (lane == 0 && top != 0ull) atomicMax(static_cast<unsigned long long*>(a.guard), top);
+    }
+  }
+}
+
+// int8 quantisation: one warp per 256-element block (8 elements a lane, coalesced).
+template <typename T>
+__global__ void __launch_bounds__(HL_CUDA_THREADS)
+    hl_quantize_kernel(hl_args a, const hl_seg* __restrict__ segs, int nsegs, int64_t nblocks) {
+  using A = typename Traits<T>::acc;
+  constexpr int kPer = HL_INT8_BLOCK / 32;
+  const int lane = threadIdx.x & 31;
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * (HL_CUDA_THREADS / 32) + (threadIdx.x >> 5);
+  if (w >= nblocks) return;  // the whole warp
+  int lo = 0, hi = nsegs - 1;  // the last segment with aux <= w
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (segs[mid].aux <= w) lo = mid; else hi = mid - 1;
+  }
+  const hl_seg s = segs[lo];
+  const int64_t lb = (w - s.aux) * HL_INT8_BLOCK;
+  const int n = static_cast<int>(min(static_cast<int64_t>(HL_INT8_BLOCK), s.numel - lb));
+  const T* p = static_cast<const T*>(s.p0) + lb;
+  const A* cp = static_cast<const A*>(s.p1) + lb;
+  A* ep = static_cast<A*>(s.p2) + lb;
+  int8_t* q = static_cast<int8_t*>(a.buf) + a.offset + s.start + lb;
+
+  A d[kPer];
+  A amax = A(0);
+  bool bad = false;
+#pragma unroll
+  for (int t = 0; t < kPer; ++t) {
+    const int k = lane + 32 * t;
+    d[t] = A(0);
+    if (k < n) {
+      d[t] = add_rn(sub_rn(Traits<T>::load(p[k]), cp[k]), ep[k]);
+      const A av = abs_rn(d[t]);
+      bad = bad || !(av <= max_finite<A>());
+      amax = amax < av ? av : amax;
+    }
+  }
+  bad = __any_sync(0xffffffffu, bad);
+  for (int o = 16; o > 0; o >>= 1) {
+    const A other = __shfl_xor_sync(0xffffffffu, amax, o);
+    amax = amax < other ? other : amax;
+  }
+  A scale;
+  A r = A(0);
+  if (bad) {
+    scale = quiet_nan<A>();
+  } else if (amax == A(0)) {
+    scale = A(0);
+  } else {
+    r = div_rn(A(127), amax);
+    scale = div_rn(amax, A(127));
+  }
+  const bool quantise = !bad && amax != A(0);
+#pragma unroll
+  for (int t = 0; t < kPer; ++t) {
+    const int k = lane + 32 * t;
+    if (k < n) {
+      const int8_t qi = quantise ? rne_clamp127(mul_rn(d[t], r)) : static_cast<int8_t>(0);
+      q[k] = qi;
+      ep[k] = sub_rn(d[t], mul_rn(static_cast<A>(qi), scale));
+    }
+  }
+  if (lane == 0) static_cast<A*>(a.sbuf)[a.soffset + w] = scale;
+}
+
+template <typename T, typename B, int OP>
+cudaError_t launch2_typed(const hl_args* args, const hl_seg* d_segs, int nsegs, int64_t total,
+                          cudaStream_t stream) {
+  if (total == 0) return cudaSuccess;
+  hl_fused2_kernel<T, B, OP>
+      <<<static_cast<unsigned int>(hl_cuda_num_blocks(total)), HL_CUDA_THREADS, 0, stream>>>(
+          *args, d_segs, nsegs, total);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch2_quantize(const hl_args* args, const hl_seg* d_segs, int nsegs,
+                             int64_t nblocks, cudaStream_t stream) {
+  if (nblocks == 0) return cudaSuccess;
+  constexpr int64_t kWarps = HL_CUDA_THREADS / 32;
+  const int64_t grid = (nblocks + kWarps - 1) / kWarps;
+  if (grid > 0x7fffffffLL) return cudaErrorInvalidValue;
+  hl_quantize_kernel<T><<<static_cast<unsigned int>(grid), HL_CUDA_THREADS, 0, stream>>>(
+      *args, d_segs, nsegs, nblocks);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch2_op(int op, int buf_dtype, const hl_args* args, const hl_seg* d_segs,
+                       int nsegs, int64_t total, int64_t nblocks, cudaStream_t stream) {
+  using A = typename Traits<T>::acc;
+  constexpr int acc_code = std::is_same<A, double>::value ? HL_FLOAT64 : HL_FLOAT32;
+  constexpr int t_code = std::is_same<T, float>::value    ? HL_FLOAT32
+                         : std::is_same<T, double>::value ? HL_FLOAT64
+                         : std::is_same<T, __half>::value ? HL_FLOAT16
+                                                          : HL_BFLOAT16;
+  switch (op) {
+    case HL_OP_OVERLAP_AVERAGE_PACK:
+      if (buf_dtype != t_code) return cudaErrorInvalidValue;
+      return launch2_typed<T, T, HL_OP_OVERLAP_AVERAGE_PACK>(args, d_segs, nsegs, total, stream);
+    case HL_OP_CARRY_PACK:
+      if (buf_dtype != t_code) return cudaErrorInvalidValue;
+      return launch2_typed<T, T, HL_OP_CARRY_PACK>(args, d_segs, nsegs, total, stream);
+    case HL_OP_PACK_DELTA_FP16:
+      if (buf_dtype != HL_FLOAT16) return cudaErrorInvalidValue;
+      return launch2_typed<T, __half, HL_OP_PACK_DELTA_FP16>(args, d_segs, nsegs, total, stream);
+    case HL_OP_OVERLAP_DELTA_PACK_FP16:
+      if (buf_dtype != HL_FLOAT16) return cudaErrorInvalidValue;
+      return launch2_typed<T, __half, HL_OP_OVERLAP_DELTA_PACK_FP16>(args, d_segs, nsegs, total,
+                                                                     stream);
+    case HL_OP_UNPACK_DELTA_AVERAGE:
+      if (buf_dtype == HL_FLOAT16)
+        return launch2_typed<T, __half, HL_OP_UNPACK_DELTA_AVERAGE>(args, d_segs, nsegs, total,
+                                                                    stream);
+      if (buf_dtype == acc_code)
+        return launch2_typed<T, A, HL_OP_UNPACK_DELTA_AVERAGE>(args, d_segs, nsegs, total, stream);
+      return cudaErrorInvalidValue;
+    case HL_OP_QUANTIZE_INT8:
+      if (buf_dtype != HL_INT8) return cudaErrorInvalidValue;
+      return launch2_quantize<T>(args, d_segs, nsegs, nblocks, stream);
+    case HL_OP_DEQUANT_INT8_MEAN:
+      if constexpr (std::is_same<T, A>::value) {
+        if (buf_dtype != acc_code) return cudaErrorInvalidValue;
+        return launch2_typed<T, T, HL_OP_DEQUANT_INT8_MEAN>(args, d_segs, nsegs, total, stream);
+      }
+      return cudaErrorInvalidValue;
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -248,6 +568,39 @@ cudaError_t hl_cuda_launch(int op, int dtype, void* buf, int64_t offset, const h
       return launch_op<__half>(op, buf, offset, d_segs, nsegs, total, scale, beta, workspace, stream);
     case HL_BFLOAT16:
       return launch_op<__nv_bfloat16>(op, buf, offset, d_segs, nsegs, total, scale, beta, workspace, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t hl_cuda_launch2(int op, int dtype, int buf_dtype, const hl_args* args,
+                            const hl_seg* d_segs, int nsegs, int64_t total, int64_t nblocks,
+                            cudaStream_t stream) {
+  if (args == nullptr || total < 0 || nblocks < 0 || nsegs < 0 || args->offset < 0 ||
+      (total > 0 && (args->buf == nullptr || d_segs == nullptr || nsegs == 0)))
+    return cudaErrorInvalidValue;
+  if (hl_cuda_num_blocks(total) > 0x7fffffffLL) return cudaErrorInvalidValue;
+  const bool has_guard = op == HL_OP_OVERLAP_AVERAGE_PACK || op == HL_OP_CARRY_PACK ||
+                         op == HL_OP_PACK_DELTA_FP16 || op == HL_OP_OVERLAP_DELTA_PACK_FP16;
+  if (has_guard) {
+    if (args->guard == nullptr) return cudaErrorInvalidValue;
+    const cudaError_t err = cudaMemsetAsync(args->guard, 0, 8, stream);
+    if (err != cudaSuccess) return err;
+  }
+  if ((op == HL_OP_QUANTIZE_INT8 || op == HL_OP_DEQUANT_INT8_MEAN) && total > 0 &&
+      args->sbuf == nullptr)
+    return cudaErrorInvalidValue;
+  if (op == HL_OP_DEQUANT_INT8_MEAN && total > 0 && (args->qbuf == nullptr || args->nranks < 1))
+    return cudaErrorInvalidValue;
+  switch (dtype) {
+    case HL_FLOAT32:
+      return launch2_op<float>(op, buf_dtype, args, d_segs, nsegs, total, nblocks, stream);
+    case HL_FLOAT64:
+      return launch2_op<double>(op, buf_dtype, args, d_segs, nsegs, total, nblocks, stream);
+    case HL_FLOAT16:
+      return launch2_op<__half>(op, buf_dtype, args, d_segs, nsegs, total, nblocks, stream);
+    case HL_BFLOAT16:
+      return launch2_op<__nv_bfloat16>(op, buf_dtype, args, d_segs, nsegs, total, nblocks, stream);
     default:
       return cudaErrorInvalidValue;
   }

@@ -32,6 +32,39 @@ an FMA; 16-bit values are rounded once, on store, to nearest even):
 - ``unpack_pseudo_grad``: ``grad = x0 - x_avg``; params are only read (deviation as above)
 - ``unpack_adaalter``: ``accumulator = denominator = T(x_avg)``
 
+Overlapped rounds and compressed syncs (docs/SEMANTICS.md, the last two sections). ``T`` is the
+params' dtype (all params of a call share it), ``acc = state_dtype(T)``; ``sent`` (s),
+``anchors`` (c), ``bases`` and ``residuals`` (e) are acc tensors; a *guard* is, like ``pack``'s,
+``max |v|`` over the values written to the buffer, NaN if any is NaN or Inf:
+
+- ``overlap_average_pack`` (buf of dtype T): ``a = acc(buf_seg) * acc(scale); x = T(a + (acc(x) -
+  s)); s = acc(x); buf_seg = x``; returns the guard
+- ``carry_pack`` (buf of dtype T): ``x = T(base + (acc(x) - s)); s = acc(x); buf_seg = x``;
+  returns the guard
+- ``pack_delta_fp16`` (float16 buf): ``d = (acc(x) - c) + e; q = float16(d); e = d - acc(q);
+  buf_seg = q``; returns the guard (an overflow to ±Inf gives NaN)
+- ``quantize_int8`` (int8 ``q``, acc ``scales``): each tensor is cut into blocks of
+  ``INT8_BLOCK = 256`` consecutive elements (the last may be shorter; blocks never span tensors;
+  block ``b`` of the call has its scale at ``scales[s_offset + b]``). Per block: ``d = (acc(x) -
+  c) + e``; ``amax = max |d|``; if some d is NaN/Inf: ``scale = NaN, q = 0``; elif ``amax == 0``:
+  ``scale = 0, q = 0``; else ``r = acc(127) / amax; q = clamp(rne(d * r), -127, 127)`` (``rne``:
+  round half to even; ``q = 0`` where ``d * r`` is NaN, i.e. ``d = 0`` with ``r = Inf``, which
+  an ``amax`` below ``127 / max_finite(acc)`` gives), ``scale = amax / acc(127)``; then
+  ``e = d - acc(q) * scale``
+- ``dequantize_int8_mean`` (``q_all`` int8 [n, Q], ``scales_all`` acc [n, S], ``out`` acc, the
+  block layout given by ``numels``): ``v = acc(q_0[k]) * s_0[b]; v = v + acc(q_r[k]) * s_r[b]``
+  for r = 1 .. n-1 in order; ``out[k] = v * acc(inv_n)``
+- ``unpack_delta_average`` (buf float16 or acc): ``δ = acc(buf_seg) * acc(scale); c = c + δ;
+  x = T(c)``
+- ``overlap_delta_pack_fp16`` (float16 buf): ``δ = acc(buf_seg) * acc(scale); c = c + δ;
+  x = T(c + (acc(x) - s)); d = (acc(x) - c) + e; q = float16(d); e = d - acc(q); s = acc(x);
+  buf_seg = q``; returns the guard
+
+``float16(d)`` of a float64 ``d`` is rounded once, directly (torch's own float64 -> float16 cast
+goes through float32 and can round twice; the fallback avoids it). The results of these ops are
+bit-identical between the implementations for every dtype (NaN payloads aside); the guard is
+exact.
+
 float32 / float64 results of the two implementations are bit-identical, 16-bit ones equal (both
 compute in float32 and round once). The deviation sums agree to float64 rounding only (the
 summation order differs: the C++ kernels add fixed blocks in order, so their result does not
@@ -63,9 +96,26 @@ __all__ = [
     "unpack_slowmo",
     "unpack_pseudo_grad",
     "unpack_adaalter",
+    "INT8_BLOCK",
+    "int8_num_blocks",
+    "overlap_average_pack",
+    "carry_pack",
+    "pack_delta_fp16",
+    "quantize_int8",
+    "dequantize_int8_mean",
+    "unpack_delta_average",
+    "overlap_delta_pack_fp16",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+#: Elements per int8 quantisation block (one scale each); blocks never span tensors.
+INT8_BLOCK = 256
+
+
+def int8_num_blocks(numels) -> int:
+    """Number of int8 blocks (= scales) of tensors with these numels."""
+    return sum((int(n) + INT8_BLOCK - 1) // INT8_BLOCK for n in numels)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,18 +153,23 @@ def _check_buf(fn: str, buf, offset: int) -> None:
         raise ValueError(f"horovod_local.{fn}: offset must be >= 0, got {offset}")
 
 
+_STATE_NOTE = " (float32 state for 16-bit/float32 params, float64 for float64 params)"
+_FIRST_NOTE = " (the dtype of params[0])"
+
+
 def _check_tensor(fn: str, arg: str, j: int, t, want: torch.dtype, buf: torch.Tensor,
-                  numel: Optional[int] = None, ref: str = "params") -> None:
+                  numel: Optional[int] = None, ref: str = "params", note: Optional[str] = None,
+                  bufname: str = "buf") -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"horovod_local.{fn}: {arg}[{j}] is not a tensor "
                         f"({type(t).__name__})")
     if t.dtype != want:
-        why = (" (the dtype of buf)" if want == buf.dtype else
-               " (float32 state for 16-bit/float32 params, float64 for float64 params)")
+        why = note if note is not None else (
+            " (the dtype of buf)" if want == buf.dtype else _STATE_NOTE)
         raise TypeError(f"horovod_local.{fn}: {arg}[{j}] has dtype {_dtype_name(t.dtype)}, "
                         f"expected {_dtype_name(want)}{why}")
     if t.device != buf.device:
-        raise ValueError(f"horovod_local.{fn}: {arg}[{j}] is on {t.device} but buf is on "
+        raise ValueError(f"horovod_local.{fn}: {arg}[{j}] is on {t.device} but {bufname} is on "
                          f"{buf.device}")
     if numel is not None and t.numel() != numel:
         raise ValueError(f"horovod_local.{fn}: {arg}[{j}] has {t.numel()} elements (shape "
@@ -298,6 +353,374 @@ class _PythonBackend:
             b = denominators[j]
             b.copy_(v.view(b.shape))
 
+    # -- overlapped rounds and compressed syncs ------------------------------------------------
+
+    @staticmethod
+    @torch.no_grad()
+    def overlap_average_pack(buf, params, sent, scale, offset=0):
+        fn = "overlap_average_pack"
+        params = _as_list(fn, "params", params)
+        sent = _as_list(fn, "sent", sent)
+        _check_buf(fn, buf, offset)
+        _check_len(fn, "sent", len(sent), len(params))
+        sdt = state_dtype(buf.dtype)
+        for j, p in enumerate(params):
+            _check_tensor(fn, "params", j, p, buf.dtype, buf)
+            _check_tensor(fn, "sent", j, sent[j], sdt, buf, p.numel())
+        total = _total(params)
+        _check_capacity(fn, buf, offset, total)
+        scale = float(scale)
+        for seg, p, s in zip(_flat_segments(buf, params, offset), params, sent):
+            if not p.numel():
+                continue
+            a = seg.to(sdt) * scale
+            x = (a + (_flat(p).to(sdt) - _flat(s))).to(p.dtype)
+            _write(s, x.to(sdt))
+            _write(p, x)
+            seg.copy_(x)
+        return _guard(buf, offset, total)
+
+    @staticmethod
+    @torch.no_grad()
+    def carry_pack(bases, params, sent, buf, offset=0):
+        fn = "carry_pack"
+        bases = _as_list(fn, "bases", bases)
+        params = _as_list(fn, "params", params)
+        sent = _as_list(fn, "sent", sent)
+        _check_buf(fn, buf, offset)
+        _check_len(fn, "bases", len(bases), len(params))
+        _check_len(fn, "sent", len(sent), len(params))
+        sdt = state_dtype(buf.dtype)
+        for j, p in enumerate(params):
+            _check_tensor(fn, "params", j, p, buf.dtype, buf)
+            _check_tensor(fn, "bases", j, bases[j], sdt, buf, p.numel())
+            _check_tensor(fn, "sent", j, sent[j], sdt, buf, p.numel())
+        total = _total(params)
+        _check_capacity(fn, buf, offset, total)
+        for seg, p, b, s in zip(_flat_segments(buf, params, offset), params, bases, sent):
+            if not p.numel():
+                continue
+            x = (_flat(b) + (_flat(p).to(sdt) - _flat(s))).to(p.dtype)
+            _write(s, x.to(sdt))
+            _write(p, x)
+            seg.copy_(x)
+        return _guard(buf, offset, total)
+
+    @staticmethod
+    @torch.no_grad()
+    def pack_delta_fp16(params, anchors, residuals, buf, offset=0):
+        fn = "pack_delta_fp16"
+        params = _as_list(fn, "params", params)
+        anchors = _as_list(fn, "anchors", anchors)
+        residuals = _as_list(fn, "residuals", residuals)
+        _check_buf(fn, buf, offset)
+        _check_half_buf(fn, buf)
+        _check_len(fn, "anchors", len(anchors), len(params))
+        _check_len(fn, "residuals", len(residuals), len(params))
+        pdt = _params_dtype(fn, params)
+        sdt = state_dtype(pdt) if pdt is not None else None
+        for j, p in enumerate(params):
+            _check_tensor(fn, "params", j, p, pdt, buf, note=_FIRST_NOTE)
+            _check_tensor(fn, "anchors", j, anchors[j], sdt, buf, p.numel(), note=_STATE_NOTE)
+            _check_tensor(fn, "residuals", j, residuals[j], sdt, buf, p.numel(),
+                          note=_STATE_NOTE)
+        total = _total(params)
+        _check_capacity(fn, buf, offset, total)
+        for seg, p, c, e in zip(_flat_segments(buf, params, offset), params, anchors, residuals):
+            if not p.numel():
+                continue
+            d = (_flat(p).to(sdt) - _flat(c)) + _flat(e)
+            q = _to_half(d)
+            _write(e, d - q.to(sdt))
+            seg.copy_(q)
+        return _guard(buf, offset, total)
+
+    @staticmethod
+    @torch.no_grad()
+    def quantize_int8(params, anchors, residuals, q, scales, q_offset=0, s_offset=0):
+        fn = "quantize_int8"
+        params = _as_list(fn, "params", params)
+        anchors = _as_list(fn, "anchors", anchors)
+        residuals = _as_list(fn, "residuals", residuals)
+        _check_flat(fn, "q", q, "q_offset", q_offset, None)
+        if q.dtype != torch.int8:
+            raise TypeError(f"horovod_local.{fn}: q has dtype {_dtype_name(q.dtype)}, expected "
+                            "torch.int8")
+        _check_flat(fn, "scales", scales, "s_offset", s_offset, (q, "q"))
+        _check_len(fn, "anchors", len(anchors), len(params))
+        _check_len(fn, "residuals", len(residuals), len(params))
+        pdt = _params_dtype(fn, params)
+        sdt = state_dtype(pdt) if pdt is not None else scales.dtype
+        if scales.dtype != sdt or sdt not in (torch.float32, torch.float64):
+            want = "torch.float64" if sdt == torch.float64 else "torch.float32"
+            raise TypeError(f"horovod_local.{fn}: scales has dtype {_dtype_name(scales.dtype)}, "
+                            f"expected {want}{_STATE_NOTE}")
+        for j, p in enumerate(params):
+            _check_tensor(fn, "params", j, p, pdt, q, note=_FIRST_NOTE, bufname="q")
+            _check_tensor(fn, "anchors", j, anchors[j], sdt, q, p.numel(), note=_STATE_NOTE,
+                          bufname="q")
+            _check_tensor(fn, "residuals", j, residuals[j], sdt, q, p.numel(), note=_STATE_NOTE,
+                          bufname="q")
+        total = _total(params)
+        nblocks = int8_num_blocks(p.numel() for p in params)
+        _check_room(fn, "q", q.numel(), "q_offset", q_offset, total, "total numel")
+        _check_room(fn, "scales", scales.numel(), "s_offset", s_offset, nblocks, "blocks")
+        if total == 0:
+            return
+        qf, sf = q.view(-1), scales.view(-1)
+        c127 = torch.full((), 127.0, dtype=sdt, device=q.device)
+        qo, so = q_offset, s_offset
+        for p, c, e in zip(params, anchors, residuals):
+            n = p.numel()
+            if not n:
+                continue
+            nb = (n + INT8_BLOCK - 1) // INT8_BLOCK
+            d = (_flat(p).to(sdt) - _flat(c)) + _flat(e)
+            db = torch.nn.functional.pad(d, (0, nb * INT8_BLOCK - n)).view(nb, INT8_BLOCK)
+            bad = ~torch.isfinite(db).all(dim=1)
+            amax = db.abs().amax(dim=1)
+            zero = amax == 0
+            skip = bad | zero
+            amax = torch.where(skip, torch.ones_like(amax), amax)
+            r = c127 / amax
+            v = torch.round(db * r[:, None])
+            v = torch.where(torch.isnan(v), torch.zeros_like(v), v).clamp_(-127.0, 127.0)
+            v = torch.where(skip[:, None], torch.zeros_like(v), v)
+            sc = torch.where(bad, torch.full_like(amax, math.nan),
+                             torch.where(zero, torch.zeros_like(amax), amax / c127))
+            qi = v.to(torch.int8)
+            e_new = db - qi.to(sdt) * sc[:, None]
+            qf.narrow(0, qo, n).copy_(qi.view(-1)[:n])
+            sf.narrow(0, so, nb).copy_(sc)
+            _write(e, e_new.view(-1)[:n])
+            qo += n
+            so += nb
+
+    @staticmethod
+    @torch.no_grad()
+    def dequantize_int8_mean(q_all, scales_all, out, inv_n, numels, q_offset=0, s_offset=0,
+                             offset=0):
+        fn = "dequantize_int8_mean"
+        numels = _numel_list(fn, numels)
+        _check_flat(fn, "out", out, "offset", offset, None)
+        if out.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"horovod_local.{fn}: out has dtype {_dtype_name(out.dtype)}; "
+                            "supported: torch.float32, torch.float64")
+        _check_flat(fn, "q_all", q_all, "q_offset", q_offset, (out, "out"))
+        if q_all.dtype != torch.int8:
+            raise TypeError(f"horovod_local.{fn}: q_all has dtype {_dtype_name(q_all.dtype)}, "
+                            "expected torch.int8")
+        _check_flat(fn, "scales_all", scales_all, "s_offset", s_offset, (out, "out"))
+        if scales_all.dtype != out.dtype:
+            raise TypeError(f"horovod_local.{fn}: scales_all has dtype "
+                            f"{_dtype_name(scales_all.dtype)}, expected "
+                            f"{_dtype_name(out.dtype)} (the dtype of out)")
+        if q_all.dim() != 2:
+            raise ValueError(f"horovod_local.{fn}: q_all must be 2-D [ranks, elements], got "
+                             f"shape {list(q_all.shape)}")
+        if scales_all.dim() != 2:
+            raise ValueError(f"horovod_local.{fn}: scales_all must be 2-D [ranks, blocks], got "
+                             f"shape {list(scales_all.shape)}")
+        nranks = q_all.shape[0]
+        if nranks < 1:
+            raise ValueError(f"horovod_local.{fn}: q_all has no rows (ranks)")
+        if scales_all.shape[0] != nranks:
+            raise ValueError(f"horovod_local.{fn}: scales_all has {scales_all.shape[0]} rows but "
+                             f"q_all has {nranks}")
+        for j, n in enumerate(numels):
+            if n < 0:
+                raise ValueError(f"horovod_local.{fn}: numels[{j}] = {n} must be >= 0")
+        total = sum(numels)
+        nblocks = int8_num_blocks(numels)
+        _check_room(fn, "q_all", q_all.shape[1], "q_offset", q_offset, total, "total numel")
+        _check_room(fn, "scales_all", scales_all.shape[1], "s_offset", s_offset, nblocks,
+                    "blocks")
+        _check_room(fn, "out", out.numel(), "offset", offset, total, "total numel")
+        if total == 0:
+            return
+        adt, dev = out.dtype, out.device
+        # the block of each element: the tensor's first block + local index // INT8_BLOCK
+        idx, first = [], 0
+        for n in numels:
+            if n:
+                idx.append(first + torch.arange(n, device=dev) // INT8_BLOCK)
+                first += (n + INT8_BLOCK - 1) // INT8_BLOCK
+        idx = torch.cat(idx)
+        qs = q_all[:, q_offset: q_offset + total]
+        ss = scales_all[:, s_offset: s_offset + nblocks]
+        v = qs[0].to(adt) * ss[0][idx]
+        for r in range(1, nranks):
+            v = v + qs[r].to(adt) * ss[r][idx]
+        out.view(-1).narrow(0, offset, total).copy_(v * float(inv_n))
+
+    @staticmethod
+    @torch.no_grad()
+    def unpack_delta_average(buf, params, anchors, scale, offset=0):
+        fn = "unpack_delta_average"
+        params = _as_list(fn, "params", params)
+        anchors = _as_list(fn, "anchors", anchors)
+        _check_buf(fn, buf, offset)
+        _check_len(fn, "anchors", len(anchors), len(params))
+        pdt = _params_dtype(fn, params)
+        if pdt is not None:
+            sdt = state_dtype(pdt)
+            if buf.dtype not in (torch.float16, sdt):
+                raise TypeError(f"horovod_local.{fn}: buf has dtype {_dtype_name(buf.dtype)}, "
+                                f"expected torch.float16 or {_dtype_name(sdt)} (the state dtype "
+                                f"of params of {_dtype_name(pdt)})")
+        for j, p in enumerate(params):
+            _check_tensor(fn, "params", j, p, pdt, buf, note=_FIRST_NOTE)
+            _check_tensor(fn, "anchors", j, anchors[j], sdt, buf, p.numel(), note=_STATE_NOTE)
+        total = _total(params)
+        _check_capacity(fn, buf, offset, total)
+        scale = float(scale)
+        for seg, p, c in zip(_flat_segments(buf, params, offset), params, anchors):
+            if not p.numel():
+                continue
+            cn = _flat(c) + seg.to(sdt) * scale
+            _write(c, cn)
+            _write(p, cn.to(p.dtype))
+
+    @staticmethod
+    @torch.no_grad()
+    def overlap_delta_pack_fp16(buf, params, anchors, sent, residuals, scale, offset=0):
+        fn = "overlap_delta_pack_fp16"
+        params = _as_list(fn, "params", params)
+        anchors = _as_list(fn, "anchors", anchors)
+        sent = _as_list(fn, "sent", sent)
+        residuals = _as_list(fn, "residuals", residuals)
+        _check_buf(fn, buf, offset)
+        _check_half_buf(fn, buf)
+        _check_len(fn, "anchors", len(anchors), len(params))
+        _check_len(fn, "sent", len(sent), len(params))
+        _check_len(fn, "residuals", len(residuals), len(params))
+        pdt = _params_dtype(fn, params)
+        sdt = state_dtype(pdt) if pdt is not None else None
+        for j, p in enumerate(params):
+            _check_tensor(fn, "params", j, p, pdt, buf, note=_FIRST_NOTE)
+            for arg, lst in (("anchors", anchors), ("sent", sent), ("residuals", residuals)):
+                _check_tensor(fn, arg, j, lst[j], sdt, buf, p.numel(), note=_STATE_NOTE)
+        total = _total(params)
+        _check_capacity(fn, buf, offset, total)
+        scale = float(scale)
+        for seg, p, c, s, e in zip(_flat_segments(buf, params, offset), params, anchors, sent,
+                                   residuals):
+            if not p.numel():
+                continue
+            cn = _flat(c) + seg.to(sdt) * scale
+            x = (cn + (_flat(p).to(sdt) - _flat(s))).to(p.dtype)
+            xa = x.to(sdt)
+            d = (xa - cn) + _flat(e)
+            q = _to_half(d)
+            _write(e, d - q.to(sdt))
+            _write(s, xa)
+            _write(c, cn)
+            _write(p, x)
+            seg.copy_(q)
+        return _guard(buf, offset, total)
+
+
+# Helpers of the overlapped / compressed fallbacks.
+
+def _total(tensors) -> int:
+    return sum(t.numel() for t in tensors)
+
+
+def _flat_segments(buf: torch.Tensor, tensors: list, offset: int) -> list:
+    """1-D views of buf's segments (after the capacity check)."""
+    flat = buf.view(-1)
+    out, o = [], offset
+    for t in tensors:
+        n = t.numel()
+        out.append(flat.narrow(0, o, n))
+        o += n
+    return out
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """t's elements in row-major order, 1-D (a view when t is contiguous, else a copy)."""
+    return t.reshape(-1)
+
+
+def _write(t: torch.Tensor, v: torch.Tensor) -> None:
+    """t[...] = v (1-D, row-major), through t's strides."""
+    t.copy_(v.view(t.shape))
+
+
+def _guard(buf: torch.Tensor, offset: int, total: int) -> float:
+    """max |v| over buf[offset: offset + total], NaN if any is NaN/Inf (0.0 for nothing)."""
+    if total == 0:
+        return 0.0
+    lo, hi = torch.aminmax(buf.view(-1)[offset: offset + total])
+    guard = max(-float(lo), float(hi)) if not torch.isnan(hi) else math.nan
+    return guard if math.isfinite(guard) else math.nan
+
+
+def _to_half(d: torch.Tensor) -> torch.Tensor:
+    """float16(d), rounded once to nearest even, also for float64 d (torch's cast goes through
+    float32: it rounds twice). float64: round to float32 with round-to-odd (exact, or the
+    neighbour with an odd last bit), then to float16 (nearest even): the correct rounding."""
+    if d.dtype != torch.float64:
+        return d.to(torch.float16)
+    f = d.to(torch.float32)
+    fd = f.to(torch.float64)
+    u = f.view(torch.int32)
+    fix = (fd != d) & ~torch.isnan(d) & ((u & 1) == 0)
+    u = torch.where(fix, torch.where(fd.abs() < d.abs(), u | 1, u - 1), u)
+    return u.view(torch.float32).to(torch.float16)
+
+
+def _params_dtype(fn: str, params: list):
+    """T of a call whose buffer does not fix it: the dtype of params[0] (None without params)."""
+    if not params:
+        return None
+    p = params[0]
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"horovod_local.{fn}: params[0] is not a tensor ({type(p).__name__})")
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"horovod_local.{fn}: params[0] has dtype {_dtype_name(p.dtype)}; "
+                        "supported: torch.float32, torch.float64, torch.float16, torch.bfloat16")
+    return p.dtype
+
+
+def _check_half_buf(fn: str, buf: torch.Tensor) -> None:
+    if buf.dtype != torch.float16:
+        raise TypeError(f"horovod_local.{fn}: buf has dtype {_dtype_name(buf.dtype)}, expected "
+                        "torch.float16")
+
+
+def _check_flat(fn: str, arg: str, t, offname: str, off: int, ref) -> None:
+    """A flat buffer other than buf (q, scales, out, q_all, scales_all); ``ref``: (tensor, name)
+    whose device it must share, or None (then cpu or cuda)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"horovod_local.{fn}: {arg} must be a torch.Tensor, got "
+                        f"{type(t).__name__}")
+    if not t.is_contiguous():
+        raise ValueError(f"horovod_local.{fn}: {arg} must be contiguous (it is written/read as "
+                         "one flat buffer)")
+    if off < 0:
+        raise ValueError(f"horovod_local.{fn}: {offname} must be >= 0, got {off}")
+    if ref is not None and t.device != ref[0].device:
+        raise ValueError(f"horovod_local.{fn}: {arg} is on {t.device} but {ref[1]} is on "
+                         f"{ref[0].device}")
+
+
+def _check_room(fn: str, arg: str, have: int, offname: str, off: int, need: int,
+                what: str) -> None:
+    if off + need > have:
+        raise ValueError(f"horovod_local.{fn}: buffer {arg} too small: {offname} {off} + {need} "
+                         f"{what} = {off + need} elements, but {arg} has {have}")
+
+
+def _numel_list(fn: str, numels) -> list:
+    if isinstance(numels, torch.Tensor):
+        numels = numels.tolist()
+    try:
+        return [int(n) for n in numels]
+    except TypeError:
+        raise TypeError(f"horovod_local.{fn}: numels must be a list of ints, got "
+                        f"{type(numels).__name__}") from None
+
 
 def _lr_list(fn: str, lrs, n: int) -> list:
     if isinstance(lrs, numbers.Real):
@@ -347,6 +770,47 @@ class _CppBackend:
         fn = "unpack_adaalter"
         self._C.unpack_adaalter(buf, _as_list(fn, "accumulators", accumulators),
                                 _as_list(fn, "denominators", denominators), scale, offset)
+
+    def overlap_average_pack(self, buf, params, sent, scale, offset=0):
+        fn = "overlap_average_pack"
+        return self._C.overlap_average_pack(buf, _as_list(fn, "params", params),
+                                            _as_list(fn, "sent", sent), scale, offset)
+
+    def carry_pack(self, bases, params, sent, buf, offset=0):
+        fn = "carry_pack"
+        return self._C.carry_pack(_as_list(fn, "bases", bases), _as_list(fn, "params", params),
+                                  _as_list(fn, "sent", sent), buf, offset)
+
+    def pack_delta_fp16(self, params, anchors, residuals, buf, offset=0):
+        fn = "pack_delta_fp16"
+        return self._C.pack_delta_fp16(_as_list(fn, "params", params),
+                                       _as_list(fn, "anchors", anchors),
+                                       _as_list(fn, "residuals", residuals), buf, offset)
+
+    def quantize_int8(self, params, anchors, residuals, q, scales, q_offset=0, s_offset=0):
+        fn = "quantize_int8"
+        self._C.quantize_int8(_as_list(fn, "params", params), _as_list(fn, "anchors", anchors),
+                              _as_list(fn, "residuals", residuals), q, scales, q_offset,
+                              s_offset)
+
+    def dequantize_int8_mean(self, q_all, scales_all, out, inv_n, numels, q_offset=0,
+                             s_offset=0, offset=0):
+        fn = "dequantize_int8_mean"
+        self._C.dequantize_int8_mean(q_all, scales_all, out, inv_n, _numel_list(fn, numels),
+                                     q_offset, s_offset, offset)
+
+    def unpack_delta_average(self, buf, params, anchors, scale, offset=0):
+        fn = "unpack_delta_average"
+        self._C.unpack_delta_average(buf, _as_list(fn, "params", params),
+                                     _as_list(fn, "anchors", anchors), scale, offset)
+
+    def overlap_delta_pack_fp16(self, buf, params, anchors, sent, residuals, scale, offset=0):
+        fn = "overlap_delta_pack_fp16"
+        return self._C.overlap_delta_pack_fp16(buf, _as_list(fn, "params", params),
+                                               _as_list(fn, "anchors", anchors),
+                                               _as_list(fn, "sent", sent),
+                                               _as_list(fn, "residuals", residuals), scale,
+                                               offset)
 
 
 def _load_extension():
@@ -462,3 +926,97 @@ def unpack_adaalter(buf: torch.Tensor, accumulators: Sequence[torch.Tensor],
                     denominators: Sequence[torch.Tensor], scale: float, offset: int = 0) -> None:
     """Local AdaAlter's sync: ``accumulators[j] = denominators[j] = buf_seg * scale`` (A2 = B2)."""
     _for(buf).unpack_adaalter(buf, accumulators, denominators, float(scale), int(offset))
+
+
+# Overlapped rounds (docs/SEMANTICS.md "Overlapped rounds").
+
+def overlap_average_pack(buf: torch.Tensor, params: Sequence[torch.Tensor],
+                         sent: Sequence[torch.Tensor], scale: float, offset: int = 0) -> float:
+    """Complete the round in flight and pack the next one, in one pass over ``buf``::
+
+        a = acc(buf_seg) * scale          # the average of what was sent (buf: the summed round)
+        x = T(a + (acc(x) - s))           # plus the local progress made while it travelled
+        s = acc(x); buf_seg = x           # the next round's send
+
+    ``buf`` and ``params`` have dtype T; ``sent`` (s): ``state_dtype(T)``. Returns the guard of
+    what was packed (max |x|, NaN if any element is non-finite), like :func:`pack`.
+    """
+    return float(_for(buf).overlap_average_pack(buf, params, sent, float(scale), int(offset)))
+
+
+def carry_pack(bases: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+               sent: Sequence[torch.Tensor], buf: torch.Tensor, offset: int = 0) -> float:
+    """``x = T(base + (acc(x) - s)); s = acc(x); buf_seg = x`` (e.g. base = SlowMo's new x0).
+
+    ``bases`` and ``sent``: ``state_dtype(T)``, T = buf's dtype. Returns the guard (max |x|).
+    """
+    return float(_for(buf).carry_pack(bases, params, sent, buf, int(offset)))
+
+
+# Compressed syncs (docs/SEMANTICS.md "Compressed syncs").
+
+def pack_delta_fp16(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],
+                    residuals: Sequence[torch.Tensor], buf: torch.Tensor,
+                    offset: int = 0) -> float:
+    """fp16 send with error feedback: ``d = (acc(x) - c) + e; q = float16(d); e = d - acc(q);
+    buf_seg = q``. ``buf``: float16; ``anchors`` (c), ``residuals`` (e): ``state_dtype(T)``.
+
+    Returns the guard max |q| (NaN if any q is NaN or ±Inf, e.g. d beyond float16's range).
+    """
+    return float(_for(buf).pack_delta_fp16(params, anchors, residuals, buf, int(offset)))
+
+
+def quantize_int8(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor],
+                  residuals: Sequence[torch.Tensor], q: torch.Tensor, scales: torch.Tensor,
+                  q_offset: int = 0, s_offset: int = 0) -> None:
+    """Blockwise int8 send with error feedback (blocks of :data:`INT8_BLOCK` elements of one
+    tensor; see the module docstring for the exact arithmetic).
+
+    ``q``: contiguous int8, tensor j at ``q[q_offset + start_j:]``; ``scales``: contiguous
+    ``state_dtype(T)``, one per block from ``scales[s_offset]`` (:func:`int8_num_blocks` of the
+    numels); ``residuals`` are updated, ``params`` and ``anchors`` only read.
+    """
+    _for(q).quantize_int8(params, anchors, residuals, q, scales, int(q_offset), int(s_offset))
+
+
+def dequantize_int8_mean(q_all: torch.Tensor, scales_all: torch.Tensor, out: torch.Tensor,
+                         inv_n: float, numels: Sequence[int], q_offset: int = 0,
+                         s_offset: int = 0, offset: int = 0) -> None:
+    """The mean of the ranks' int8 sends (the allgathered ``q_all`` int8 [n, Q] and
+    ``scales_all`` [n, S], acc dtype) into ``out`` (acc, 1 value an element)::
+
+        v = acc(q_0[k]) * s_0[b];  v = v + acc(q_r[k]) * s_r[b]  (r = 1 .. n-1, in order)
+        out[offset + k] = v * acc(inv_n)
+
+    ``numels``: the numels of the tensors that were quantised (they fix the blocks ``b``);
+    element k of the call is at ``q_all[:, q_offset + k]``, its block's scale at
+    ``scales_all[:, s_offset + b]``.
+    """
+    _for(out).dequantize_int8_mean(q_all, scales_all, out, float(inv_n), numels, int(q_offset),
+                                   int(s_offset), int(offset))
+
+
+def unpack_delta_average(buf: torch.Tensor, params: Sequence[torch.Tensor],
+                         anchors: Sequence[torch.Tensor], scale: float, offset: int = 0) -> None:
+    """Apply an averaged delta: ``c = c + acc(buf_seg) * scale; x = T(c)``.
+
+    ``buf``: float16 (the summed fp16 deltas, ``scale = 1/n``) or ``state_dtype(T)`` (the output
+    of :func:`dequantize_int8_mean`, ``scale = 1.0``); ``anchors`` (c): ``state_dtype(T)``.
+    """
+    _for(buf).unpack_delta_average(buf, params, anchors, float(scale), int(offset))
+
+
+def overlap_delta_pack_fp16(buf: torch.Tensor, params: Sequence[torch.Tensor],
+                            anchors: Sequence[torch.Tensor], sent: Sequence[torch.Tensor],
+                            residuals: Sequence[torch.Tensor], scale: float,
+                            offset: int = 0) -> float:
+    """Overlapped fp16 round: complete the round in flight and send the next, in one pass::
+
+        c = c + acc(buf_seg) * scale;  x = T(c + (acc(x) - s))
+        d = (acc(x) - c) + e;  q = float16(d);  e = d - acc(q);  s = acc(x);  buf_seg = q
+
+    ``buf``: float16; ``anchors``, ``sent``, ``residuals``: ``state_dtype(T)``. Returns the
+    guard max |q| (NaN if any is non-finite).
+    """
+    return float(_for(buf).overlap_delta_pack_fp16(buf, params, anchors, sent, residuals,
+                                                   float(scale), int(offset)))
