@@ -34,6 +34,16 @@ TWO_LEVEL = [
          state_policy="reset", steps=33),
     dict(id="tl_join_uneven", inner=SGD_M, schedule=const(4), local_period=2,
          steps=[20, 27, 23, 17], join=True),
+    # the inter-host level compressed (local rounds plain) and overlapped
+    dict(id="tl_int8_L1_H4", inner=SGD_M, schedule=const(4), local_period=1, steps=30,
+         compression="int8"),
+    dict(id="tl_overlap_L1_H4", inner=SGD_M, schedule=const(4), local_period=1, steps=30,
+         overlap=True),
+    dict(id="tl_overlap_int8_slowmo_L2_H4", inner=SGD_M, schedule=const(4), local_period=2,
+         steps=30, overlap=True, compression="int8",
+         algorithm={"name": "slowmo", "alpha": 1.0, "beta": 0.5}),
+    dict(id="tl_overlap_join_uneven", inner=SGD_M, schedule=const(4), local_period=1,
+         steps=[20, 27, 23, 17], join=True, overlap=True),
 ]
 OVERLAP = [
     dict(id="ov_sgd_H4", inner=SGD, schedule=const(4), steps=30, final_sync=True),

@@ -112,8 +112,6 @@ class SyncConfig:
             elif nonfinite == "skip":
                 why = ("nonfinite='skip': a dropped round would have to undo the local progress "
                        "made while it travelled; use nonfinite='raise'")
-            elif local_period is not None:
-                why = "local_period (two-level averaging) is not combined with overlap yet"
             if why:
                 raise ValueError(f"overlap=True does not work with {why}")
         if compression not in (None, "fp16", "int8"):

@@ -528,6 +528,9 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         if self._hl_anchors is not None:  # in place: the outer optimizer's state refers to them
             for a, p in zip(self._hl_anchors, self._hl_params()):
                 a.copy_(p)
+        if self._hl_residuals is not None:  # a fresh common point: nothing left untransmitted
+            for e in self._hl_residuals:
+                e.zero_()
         if self._hl_last_good is not None:
             self._hl_pipeline.remember_good(self._hl_slots())
 

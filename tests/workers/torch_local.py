@@ -181,6 +181,9 @@ def main():
         hvd.init(process_sets="dynamic" if os.environ.get("HL_DYNAMIC") else None)
     torch.set_default_dtype(torch.float64)
     results = {cfg["id"]: run_config(cfg) for cfg in configs}
+    # a rank that exits shuts Horovod down everywhere: wait until every rank is done (a group
+    # may still be in its last local rounds)
+    hvd.allreduce(torch.zeros(1), name="torch_local.done")
     save_result(out_dir, hvd.rank(), results)
 
 
