@@ -142,10 +142,11 @@ def test_synchronize_in_local_steps_is_not_a_parameter_sync(n, controller):
 @pytest.mark.parametrize("n,controller", CASES[:1])
 def test_horovod_arguments_work_or_say_why(n, controller):
     got = job(n, controller)[0]["horovod_arguments"]
-    for ok in ("compression_none", "op_average", "bpps_2", "predivide_1", "groups",
-               "sparse_as_dense"):
+    for ok in ("compression_none", "compression_fp16", "op_average", "bpps_2", "predivide_1",
+               "groups", "sparse_as_dense"):
         assert got[ok] == "no error", (ok, got[ok])
-    for bad, needle in [("compression_fp16", "compression=FP16Compressor"),
+    assert got["compression_fp16_mode"] == "fp16"  # Horovod's fp16 compressor: fp16 syncs
+    for bad, needle in [("compression_bf16", "cannot carry bfloat16"),
                         ("op_sum", "only hvd.Average applies"),
                         ("op_adasum", "only hvd.Average applies"),
                         ("bpps_0", "backward_passes_per_step"),

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
-from horovod_local.core.config import SyncConfig
+from horovod_local.core.config import SyncConfig, _compression_mode
 from horovod_local.core.groups import local_process_set
 from horovod_local.core.ops import ParamSlot
 from horovod_local.core.pipeline import InFlight, RoundPipeline
@@ -740,8 +740,11 @@ def DistributedLocalOptimizer(
 
     Horovod's ``DistributedOptimizer`` arguments, so that a swap needs no other change:
 
-        compression: ``hvd.Compression.none`` (or None). Compressed syncs are not implemented
-            yet: ``hvd.Compression.fp16`` raises ``ValueError``.
+        compression: None / ``hvd.Compression.none``: full-precision syncs; ``'fp16'`` /
+            ``hvd.Compression.fp16`` or ``'int8'``: each sync sends this rank's change since
+            the last common point, quantised, with error feedback (SEMANTICS.md, "Compressed
+            syncs"); warm-up gradient rounds stay uncompressed. ``'bf16'`` raises (Horovod
+            0.28 cannot carry bfloat16).
         op: ``hvd.Average`` (or None): a sync is an average. ``hvd.Sum`` / ``hvd.Adasum``
             raise ``ValueError`` (a sum of models, or Adasum's gradient combination, is no
             model average).
@@ -817,28 +820,6 @@ def _is_horovod_distributed(optimizer: torch.optim.Optimizer) -> bool:
     # Horovod copies its mixin's methods into a run-time subclass (no common base class)
     return type(optimizer).__module__ == _HOROVOD_OPTIMIZER_MODULE and \
         hasattr(type(optimizer), "_allreduce_grad_async")
-
-
-def _compression_mode(compression: Any) -> Optional[str]:
-    """``compression=``: None / ``hvd.Compression.none`` -> None; ``'fp16'`` /
-    ``hvd.Compression.fp16`` -> 'fp16'; ``'int8'``; anything else raises naming it."""
-    if compression is None or isinstance(compression, str):
-        if compression in (None, "none"):
-            return None
-        if compression == "bf16":
-            raise ValueError("compression='bf16': Horovod 0.28 cannot carry bfloat16 (it "
-                             "would travel as float32 and save nothing); use 'fp16' or 'int8'")
-        if compression not in ("fp16", "int8"):
-            raise ValueError(f"compression must be None, 'fp16', 'int8' or "
-                             f"hvd.Compression.none/fp16, got {compression!r}")
-        return compression
-    name = getattr(compression, "__name__", type(compression).__name__)
-    if name == "NoneCompressor":
-        return None
-    if name == "FP16Compressor":
-        return "fp16"
-    raise ValueError(f"compression={name}: only hvd.Compression.none / hvd.Compression.fp16 "
-                     f"(or 'fp16' / 'int8') apply to parameter syncs")
 
 
 def _check_horovod_arguments(compression: Any, op: Any, backward_passes_per_step: Any,

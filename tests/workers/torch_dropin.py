@@ -125,6 +125,7 @@ def horovod_arguments(cfg: dict) -> dict:
     out = {}
     for name, kw in [("compression_none", dict(compression=hvd.Compression.none)),
                      ("compression_fp16", dict(compression=hvd.Compression.fp16)),
+                     ("compression_bf16", dict(compression="bf16")),
                      ("op_average", dict(op=hvd.Average)), ("op_sum", dict(op=hvd.Sum)),
                      ("op_adasum", dict(op=hvd.Adasum)),
                      ("bpps_2", dict(backward_passes_per_step=2)),
@@ -145,6 +146,7 @@ def horovod_arguments(cfg: dict) -> dict:
                                   named_parameters=model.named_parameters())
     out["wrap_horovod"] = _error(lambda: hlt.DistributedLocalOptimizer(
         hv, model.named_parameters()))
+    out["compression_fp16_mode"] = wrap(compression=hvd.Compression.fp16)._hl_config.compression
     ours = wrap()
     out["wrap_twice"] = _error(lambda: hlt.DistributedLocalOptimizer(ours))
     with warnings.catch_warnings(record=True) as caught:
