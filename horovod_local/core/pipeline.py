@@ -254,13 +254,7 @@ class RoundPipeline:
         mine, m = self.round_number(buckets)
         summed, (ctrl, rounds, explicits), nbytes = self.exchange(
             buckets, (joined, mine, 1.0 if explicit else 0.0), "sync round", step)
-        n = ops.size()
-        checks = [self.check_round_kind(ctrl, gradient_round=False),
-                  self.check_round_number(rounds, mine, m),
-                  ops.check(protocol.explicit_rounds_agree(explicits, ctrl, n, explicit),
-                            RuntimeError, lambda: protocol.EXPLICIT_MISMATCH)]
-        for comp in self.components:
-            checks += comp.check(ops, buckets)
+        checks = self._round_checks(buckets, (ctrl, rounds, explicits), mine, m, explicit)
         ok = ops.after(checks, lambda: self.verify_finite(buckets, summed, step, "sync"))
         def apply() -> Any:
             return self._apply(slots, buckets, summed, step, lr, schedule, t0)
@@ -338,15 +332,8 @@ class RoundPipeline:
                                "round was in flight (inner optimizer state created since?); "
                                "with overlap=True, create the optimizer state before the first "
                                "round (a first step) or use state_policy='keep'/'reset'")
-        b = next(b for b in buckets if b.has_control)
-        s = summed[buckets.index(b)]
-        ctrl, rounds, explicits = ops.elements(s, b.control_index(), 3)
-        self.check_round_kind(ctrl, gradient_round=False)
-        self.check_round_number(rounds, prev.control[1], prev.modulus)
-        ops.check(protocol.explicit_rounds_agree(explicits, ctrl, n, False), RuntimeError,
-                  lambda: protocol.EXPLICIT_MISMATCH)
-        for comp in self.components:
-            comp.check(ops, buckets)
+        self._round_checks(buckets, self._control_sums(buckets, summed), prev.control[1],
+                           prev.modulus, explicit=False)
         self.verify_finite(buckets, summed, prev.step, "sync")  # 'raise' (config refuses skip)
         mode = self.config.compression
         scale = self._delta_scale if mode else 1.0 / n
@@ -364,14 +351,8 @@ class RoundPipeline:
             for comp, section in zip(self.components, bk.sections()):
                 comp.complete(ops, bk, buf, scale, offset)
                 offset += bk.section_numel(section)
-        for comp in self.components:
-            comp.after(ops, slots, carry=True)
-        if need_dev:  # ADPSGD updates at completion; other schedules when a round starts
-            deviation = ops.mean_scalar(deviation)
-            self.counters.set("last_deviation", deviation)
-            schedule.on_sync(step=step, lr=lr, local_steps=self.counters.get("local_steps"),
-                             deviation=deviation)
-        self.counters.add("syncs", 1)
+        # ADPSGD updates at this completion; other schedules moved when the round started
+        self._end_round(slots, step, lr, schedule, deviation, None, carry=True)
         return list(summed)
 
     @property
@@ -414,7 +395,7 @@ class RoundPipeline:
         """A blocking round with ``compression`` (SEMANTICS.md, "Compressed syncs"): each rank
         sends its change since the common point c with error feedback; ``x_avg = c + mean
         delta``, then the algorithm."""
-        ops, t0, mode, n = self.ops, self.ops.now(), self.config.compression, self.ops.size()
+        ops, t0, mode = self.ops, self.ops.now(), self.config.compression
         buckets = self.plan(slots)
         mine, m = self.round_number(buckets)
         control = (joined, mine, 1.0 if explicit else 0.0)
@@ -422,33 +403,18 @@ class RoundPipeline:
         nbytes = sum(ops.nbytes(w) for w in wire)
         summed, scale = ops.compressed_finish(
             ops.compressed_start(mode, buckets, wire, "sync round", step))
-        b = next(b for b in buckets if b.has_control)
-        ctrl, rounds, explicits = ops.elements(summed[buckets.index(b)], b.control_index(), 3)
-        self.check_round_kind(ctrl, gradient_round=False)
-        self.check_round_number(rounds, mine, m)
-        ops.check(protocol.explicit_rounds_agree(explicits, ctrl, n, explicit), RuntimeError,
-                  lambda: protocol.EXPLICIT_MISMATCH)
-        for comp in self.components:
-            comp.check(ops, buckets)
+        sums = self._control_sums(buckets, summed)
+        self._round_checks(buckets, sums, mine, m, explicit)
         self.verify_finite(buckets, summed, step, "sync")  # 'raise' (config refuses skip)
-        need_dev = bool(schedule.needs_deviation)
         deviation = 0.0
         for bk, buf in zip(buckets, summed):
-            if need_dev:
+            if schedule.needs_deviation:
                 deviation += ops.delta_deviation(buf, bk.params, bk.anchors, scale, 0)
             self.components[0].apply_delta(ops, bk, buf, scale)
-        for comp in self.components:
-            comp.after(ops, slots)
-        if need_dev:
-            deviation = ops.mean_scalar(deviation)
-            self.counters.set("last_deviation", deviation)
-        schedule.on_sync(step=step, lr=lr, local_steps=self.counters.get("local_steps"),
-                         deviation=deviation if need_dev else None)
-        self.counters.add("syncs", 1)
+        self._end_round(slots, step, lr, schedule, deviation, t0)
         self.counters.set("local_steps", 0)
         self.counters.add("bytes_sent", nbytes)
-        self.counters.add("sync_seconds", ops.now() - t0)
-        return RoundResult(joined=ctrl, applied=ops.true())
+        return RoundResult(joined=sums[0], applied=ops.true())
 
     def _carry(self, buckets, bufs) -> list:
         """Phase 2: ``x = avg + (x - sent)`` (or ``x0 + (x - sent)``) and the next pack, one
@@ -489,6 +455,40 @@ class RoundPipeline:
         self.counters.add("bytes_sent", nbytes)
         return LocalRoundResult(joined=ctrl, wants_global=wants, applied=applied)
 
+    def _round_checks(self, buckets, control_sums, mine, m, explicit: bool) -> list:
+        """A sync round's checks of the summed control elements (same kind of round, same
+        round number, all or none explicit) and the components' own; returns the tokens."""
+        ops, n = self.ops, self.ops.size()
+        ctrl, rounds, explicits = control_sums
+        checks = [self.check_round_kind(ctrl, gradient_round=False),
+                  self.check_round_number(rounds, mine, m),
+                  ops.check(protocol.explicit_rounds_agree(explicits, ctrl, n, explicit),
+                            RuntimeError, lambda: protocol.EXPLICIT_MISMATCH)]
+        for comp in self.components:
+            checks += comp.check(ops, buckets)
+        return checks
+
+    def _control_sums(self, buckets, summed) -> list:
+        b = next(b for b in buckets if b.has_control)
+        return self.ops.elements(summed[buckets.index(b)], b.control_index(), 3)
+
+    def _end_round(self, slots, step, lr, schedule: ScheduleHook, deviation, t0,
+                   carry: bool = False) -> None:
+        """After the unpack: the components' after steps, the schedule update (with the
+        deviation averaged over the ranks, if the schedule wants it) and the counters."""
+        ops, need_dev = self.ops, bool(schedule.needs_deviation)
+        for comp in self.components:
+            comp.after(ops, slots, carry=carry)
+        if need_dev:
+            deviation = ops.mean_scalar(deviation)
+            self.counters.set("last_deviation", deviation)
+        if need_dev or not carry:  # overlapped: other schedules moved when the round started
+            schedule.on_sync(step=step, lr=lr, local_steps=self.counters.get("local_steps"),
+                             deviation=deviation if need_dev else None)
+        self.counters.add("syncs", 1)
+        if t0 is not None:  # (an overlapped round counts its time at its boundary)
+            self.counters.add("sync_seconds", ops.now() - t0)
+
     def _apply(self, slots, buckets, summed, step, lr, schedule: ScheduleHook, t0) -> Any:
         """4.-5.: write the average back, run the components' after steps, update the schedule."""
         ops, cfg = self.ops, self.config
@@ -502,15 +502,7 @@ class RoundPipeline:
                 if d is not None:
                     deviation = deviation + d
                 offset += b.section_numel(section)
-        for comp in self.components:
-            comp.after(ops, slots)
-        if need_dev:
-            deviation = ops.mean_scalar(deviation)
-            self.counters.set("last_deviation", deviation)
-        schedule.on_sync(step=step, lr=lr, local_steps=self.counters.get("local_steps"),
-                         deviation=deviation if need_dev else None)
-        self.counters.add("syncs", 1)
-        self.counters.add("sync_seconds", ops.now() - t0)
+        self._end_round(slots, step, lr, schedule, deviation, t0)
         if cfg.nonfinite == "skip":
             ops.copy([sl.last_good for sl in slots], [sl.value for sl in slots])
         return ops.true()
