@@ -96,9 +96,16 @@ COMPRESSED_UNEVEN = dict(id="int8_join_uneven", inner=SGD_M, schedule=const(4), 
                          compression="int8")
 
 
+# heterogeneous ranks on a time budget, overlapped: the reference replays the recorded rounds
+OVERLAP_BUDGET = dict(id="ov_time_budget_join", inner=SGD_M, join=True,
+                      schedule={"kind": "time_budget", "seconds": 0.03})
+
+
 def _overlap_payload(n: int) -> list[dict]:
     return [dict(c, overlap=True) for c in OVERLAP] + \
         [dict(OVERLAP_UNEVEN, overlap=True, steps=[25 + 6 * r for r in range(n)])] + \
+        [dict(OVERLAP_BUDGET, overlap=True, steps=[40 - 8 * r for r in range(n)],
+              sleep_per_step=[0.001 * (1 + 3 * r) for r in range(n)])] + \
         COMPRESSED + [dict(COMPRESSED_UNEVEN, steps=[20 + 5 * r for r in range(n)])]
 
 
@@ -248,3 +255,17 @@ def test_overlap_and_two_level_refusals():
         with pytest.raises(ValueError, match="local_period"):
             SyncConfig.from_arguments(*args, local_period=bad)
     assert math.isfinite(SyncConfig.from_arguments(*args, local_period=3).local_period)
+
+
+@pytest.mark.parametrize("n,controller", [(2, "gloo"), (3, "mpi")])
+def test_overlap_time_budget_replays_in_reference(n, controller):
+    """TimeBudget with overlap: ranks take different numbers of steps per round; the reference
+    replaying each rank's recorded round lengths (overlapped) gives the same models."""
+    ranks = overlap_job(n, controller)
+    got = [ranks[r]["ov_time_budget_join"] for r in range(n)]
+    assert len({g["stats"]["syncs"] for g in got}) == 1 and got[0]["stats"]["syncs"] >= 2
+    ref = simulate(n, [40 - 8 * r for r in range(n)], inner=SGD_M, schedule={"kind": "rounds"},
+                   rounds=[g["boundaries"] for g in got], overlap=True, join=True)
+    for r in range(n):
+        _close(got[r]["params"], ref["params"][r], f"time budget, overlap, rank {r}")
+        np.testing.assert_array_equal(got[r]["params"]["weight"], got[0]["params"]["weight"])

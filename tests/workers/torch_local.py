@@ -116,7 +116,7 @@ def run_config(cfg: dict) -> dict:
     steps = cfg["steps"] if isinstance(cfg["steps"], int) else cfg["steps"][rank]
     sleep = cfg.get("sleep_per_step", [0.0] * size)[rank]
     resume_at, snapshot = cfg.get("resume_at"), None
-    rounds, sync_steps, periods, losses = [], [], [], []
+    rounds, sync_steps, periods, losses, boundaries = [], [], [], [], []
 
     def one_step(model, opt, sched, t):
         x, y = (torch.tensor(a, dtype=dtype) for a in fixtures.make_batch(rank, t))
@@ -146,12 +146,15 @@ def run_config(cfg: dict) -> dict:
             rounds.append(before.local_steps + 1)
             sync_steps.append(t)
             periods.append(period_before)
+        if hasattr(opt, "sync_stats") and opt.sync_stats().local_steps == 0 \
+                and t > cfg.get("warmup_steps", 0):  # a round started here (overlap: too)
+            boundaries.append(before.local_steps + 1)
         if t == resume_at:  # a checkpoint (with an overlapped round in flight, say)
             snapshot = copy.deepcopy((model.state_dict(), opt.state_dict(),
                                       sched.state_dict() if sched else None))
     _finish(cfg, opt)
     out = {"params": _params(model), "losses": losses, "rounds": rounds,
-           "sync_steps": sync_steps, "periods": periods}
+           "sync_steps": sync_steps, "periods": periods, "boundaries": boundaries}
     if hasattr(opt, "sync_stats"):
         out["stats"] = opt.sync_stats().as_dict()
         out["schedule_state"] = opt.schedule.state_dict()
