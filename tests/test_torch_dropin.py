@@ -155,7 +155,9 @@ def test_horovod_arguments_work_or_say_why(n, controller):
                         ("outer_class", "got the class SGD"),
                         ("wrap_horovod", "is a horovod.torch.DistributedOptimizer"),
                         ("wrap_twice", "already a DistributedLocalOptimizer"),
-                        ("unnamed", "position 2 (shape (3, 2))")]:
+                        ("unnamed", "position 2 (shape (3, 2))"),
+                        ("unbroadcast_slowmo", "SlowMo (the slow model x0)"),
+                        ("unbroadcast_int8", "hvd.broadcast_parameters")]:
         assert got[bad].startswith("ValueError") and needle in got[bad], (bad, got[bad])
     assert any("no effect without algorithm='slowmo'" in w
                for w in got["slowmo_lr_without_slowmo"])

@@ -324,9 +324,33 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
             self._hl_sent = [torch.zeros_like(p, dtype=state_dtype(p.dtype))
                              for p in self._hl_params()]
 
+    def _hl_check_same_start(self, params: list) -> None:
+        """The anchors x0 / common point c are taken from each rank's own parameters: they
+        must be equal on every rank (the user broadcast them), or SlowMo / outer / compression
+        would silently keep different models. One small allgather, once."""
+        if self._hl_size == 1:
+            return
+        mine = [repr(float(sum(p.double().sum() for p in params))),  # repr: NaN == NaN
+                repr(float(sum((p.double() ** 2).sum() for p in params)))]
+        everyone = allgather_object(mine, "horovod_local.same_start", self._hl_process_set)
+        differ = [i for i, v in enumerate(everyone) if v != everyone[0]]
+        if differ:
+            raise ValueError(
+                f"horovod_local: the parameters differ between ranks at the first local step "
+                f"(rank(s) {differ} vs the first), but {self._hl_anchor_user()} starts from "
+                f"them on every rank. Broadcast them before training: "
+                f"hvd.broadcast_parameters(model.state_dict(), root_rank=0)")
+
+    def _hl_anchor_user(self) -> str:
+        cfg = self._hl_config
+        return ("compression (the common point c)" if cfg.compression else
+                "SlowMo (the slow model x0)" if cfg.algorithm == "slowmo" else
+                "the outer optimizer (the anchor x0)")
+
     @torch.no_grad()
     def _hl_make_anchors(self) -> None:
         params = self._hl_params()
+        self._hl_check_same_start(params)
         # x0 in fp32 (fp64 for fp64 parameters), as SlowMo keeps its slow model.
         self._hl_anchors = [p.detach().to(state_dtype(p.dtype), copy=True) for p in params]
         cfg = self._hl_config

@@ -117,10 +117,12 @@ def horovod_arguments(cfg: dict) -> dict:
     import horovod.torch as hvd
     import horovod_local.torch as hlt
 
-    def wrap(**kw):
-        model = Linear()
+    def wrap_model(model, **kw):
         return hlt.DistributedLocalOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                              model.named_parameters(), period=4, **kw)
+
+    def wrap(**kw):
+        return wrap_model(Linear(), **kw)
 
     out = {}
     for name, kw in [("compression_none", dict(compression=hvd.Compression.none)),
@@ -157,6 +159,21 @@ def horovod_arguments(cfg: dict) -> dict:
     model = Linear()
     out["unnamed"] = _error(lambda: hlt.DistributedLocalOptimizer(
         torch.optim.SGD(list(model.parameters()) + [extra], lr=0.1), model.named_parameters()))
+    # SlowMo / compression take x0 / c from each rank's parameters: not broadcast -> an error
+    # on every rank at the first local step, not silently different slow models
+    for name, kw in [("unbroadcast_slowmo", dict(algorithm="slowmo")),
+                     ("unbroadcast_int8", dict(compression="int8"))]:
+        model = Linear()
+        with torch.no_grad():
+            model.weight.add_(hvd.rank())
+        opt = wrap_model(model, **kw)
+
+        def first_step():
+            opt.zero_grad()
+            _loss(model, hvd.rank(), 1).backward()
+            opt.step()
+
+        out[name] = _error(first_step)
     return out
 
 
