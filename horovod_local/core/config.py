@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 from horovod_local.schedules import PeriodSchedule, make_schedule
 
-__all__ = ["SyncConfig", "STATE_POLICIES", "ALGORITHMS", "NONFINITE_POLICIES"]
+__all__ = ["SyncConfig", "STATE_POLICIES", "ALGORITHMS", "NONFINITE_POLICIES", "_compression_mode"]
 
 STATE_POLICIES = ("keep", "reset", "average")
 ALGORITHMS = ("local_sgd", "slowmo")
@@ -165,3 +165,27 @@ class SyncConfig:
               ("config", f"number of synced {tensor_kind}s", len(tensors))]
         fp += [(tensor_kind, name, (tuple(shape), dtype)) for name, shape, dtype in tensors]
         return fp
+
+
+def _compression_mode(compression: Any) -> Optional[str]:
+    """``compression=`` of either front end -> ``SyncConfig.compression``: None /
+    ``hvd.Compression.none`` -> None; ``'fp16'`` / ``hvd.Compression.fp16`` -> 'fp16';
+    ``'int8'``; anything else raises naming it. Framework-free: Horovod's compressor classes
+    (``horovod.torch`` or ``horovod.tensorflow``) are recognised by their class name."""
+    if compression is None or isinstance(compression, str):
+        if compression in (None, "none"):
+            return None
+        if compression == "bf16":
+            raise ValueError("compression='bf16': Horovod 0.28 cannot carry bfloat16 (it "
+                             "would travel as float32 and save nothing); use 'fp16' or 'int8'")
+        if compression not in ("fp16", "int8"):
+            raise ValueError(f"compression must be None, 'fp16', 'int8' or "
+                             f"hvd.Compression.none/fp16, got {compression!r}")
+        return compression
+    name = getattr(compression, "__name__", type(compression).__name__)
+    if name == "NoneCompressor":
+        return None
+    if name == "FP16Compressor":
+        return "fp16"
+    raise ValueError(f"compression={name}: only hvd.Compression.none / hvd.Compression.fp16 "
+                     f"(or 'fp16' / 'int8') apply to parameter syncs")
