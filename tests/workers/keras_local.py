@@ -3,10 +3,12 @@
 Config format = tests/reference.py's (inner / schedule / warmup_steps / state_policy /
 algorithm / steps), plus ``kind``: ``fit`` (default), ``ctl`` (custom training loop),
 ``callbacks``, ``save_load`` (exact resume after model.save / load_model), ``time_budget``,
+``overlap_probe`` (can a Horovod TF collective stay in flight across train steps?),
 ``reliability`` (mismatched replicas, NaN at a sync), ``uneven`` (a different number of batches
 per rank in every epoch, with the collective callbacks and validation data); and for ``fit`` an
 optional ``dtype`` ("float64" by default, or "float32"): the model's, the data's and Keras'
-floatx for that config. Two-level averaging: ``local_period`` and ``groups`` (lists of ranks,
+floatx for that config; ``compression`` ('fp16' / 'int8') is passed on as in
+tests/workers/torch_local.py. Two-level averaging: ``local_period`` and ``groups`` (lists of ranks,
 registered as process sets at ``hvd.init`` and passed as ``local_process_set``), as in
 tests/workers/torch_local.py; a ``fit`` config may have per-rank ``steps`` (a list) with
 ``join``: ``FinalSyncCallback`` joins at the epoch's end.
@@ -106,6 +108,8 @@ def make_optimizer(cfg: dict):
               state_policy=cfg.get("state_policy", "keep"))
     if "nonfinite" in cfg:
         kw["nonfinite"] = cfg["nonfinite"]
+    if cfg.get("compression"):
+        kw["compression"] = cfg["compression"]
     if cfg.get("local_period") is not None:
         kw["local_period"] = cfg["local_period"]
         kw["local_process_set"] = _GROUP_SETS.get(cfg.get("groups") and _my_group(cfg["groups"]))
@@ -391,6 +395,7 @@ def run_save_load(cfg: dict, rank: int, out_dir: str) -> dict:
         "loaded_weights": [np.array(w) for w in loaded.get_weights()],
         "stats": opt.sync_stats().as_dict(), "loaded_stats": lopt.sync_stats().as_dict(),
         "straight": straight, "straight_stats": straight_stats,
+        "residuals": [np.array(e.numpy()) for e in (opt.residuals or [])],
     }
     # both go on training (every rank, the same collectives in the same order): exact resume
     model.fit(x2, y2, **fit)
@@ -525,6 +530,101 @@ def run_reliability(cfg: dict, rank: int) -> dict:
     return out
 
 
+def run_overlap_probe(cfg: dict, rank: int) -> dict:
+    """Why ``overlap=True`` is refused in Keras (docs/KERAS.md, "Overlapped rounds"): can a
+    Horovod TensorFlow collective stay in flight while train steps run? Rank 1 enters every
+    collective ``delay`` seconds late, so that a round is "in flight" on rank 0 for that long;
+    rank 0 times its side of four ways of starting it:
+
+    * ``A``: inside a ``tf.function`` whose result is not used (start, do not wait);
+    * ``B``: inside a ``tf.function`` that writes the result to a variable (a round's apply);
+    * ``C``: ``B`` under asynchronous eager execution, then train steps;
+    * ``D``: ``B`` on a Python thread while the main thread runs train steps."""
+    import threading
+
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    keras = _keras()
+    delay = float(cfg["delay"])
+
+    def meet(tag):
+        tf.function(lambda: hvd.allreduce(tf.constant([0.0], tf.float64), op=hvd.Sum,
+                                          name="test.probe.meet." + tag,
+                                          ignore_name_scope=True), autograph=False)()
+
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64)])
+    opt = keras.optimizers.SGD(0.01)
+    xb, yb = tf.ones([16, 64], tf.float64), tf.zeros([16, 64], tf.float64)
+
+    @tf.function
+    def train_step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(xb) - yb))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    buf = tf.ones([4096], tf.float64)
+    v = tf.Variable(tf.zeros([4096], tf.float64))
+
+    @tf.function(autograph=False)
+    def start_unused(x):
+        hvd.allreduce(x, op=hvd.Sum, name="test.probe.a", ignore_name_scope=True)
+        return x * 2.0
+
+    @tf.function(autograph=False)
+    def start_store(x):
+        v.assign(hvd.allreduce(x, op=hvd.Sum, name="test.probe.b", ignore_name_scope=True))
+        return x * 2.0
+
+    def timed(fn, *a):
+        t0 = time.perf_counter()
+        fn(*a)
+        return time.perf_counter() - t0
+
+    float(train_step())
+    start_store(buf)  # traced (and one round) before any timing
+    graph = start_unused.get_concrete_function(buf).graph
+    out = {"stateful": {op.type: op.op_def.is_stateful for op in graph.get_operations()
+                        if op.type.startswith("Horovod")}}
+    meet("a")
+    if rank == 1:
+        time.sleep(delay)
+    out["A_call_s"] = timed(start_unused, buf)
+    meet("b")
+    if rank == 1:
+        time.sleep(delay)
+    out["B_call_s"] = timed(start_store, buf)
+    meet("c")
+    if rank == 1:
+        time.sleep(delay)
+        start_store(buf)
+    else:
+        tf.config.experimental.set_synchronous_execution(False)
+        try:
+            out["C_call_s"] = timed(start_store, buf)
+            out["C_first_step_s"] = timed(lambda: float(train_step()))
+        finally:
+            tf.config.experimental.set_synchronous_execution(True)
+    meet("d")
+    if rank == 1:
+        time.sleep(delay)
+        start_store(buf)
+    else:
+        took = {}
+        th = threading.Thread(target=lambda: took.setdefault("round", timed(start_store, buf)))
+        th.start()
+        steps = 0
+        while th.is_alive():
+            float(train_step())
+            steps += 1
+        th.join()
+        out["D_round_s"], out["D_steps_during_round"] = took["round"], steps
+    meet("end")
+    return out
+
+
 def _strip_names(c):
     if isinstance(c, dict):
         return {k: _strip_names(v) for k, v in c.items() if k != "name"}
@@ -568,6 +668,8 @@ def main():
             results[cfg["id"]] = run_reliability(cfg, rank)
         elif kind == "uneven":
             results[cfg["id"]] = run_uneven(cfg, rank)
+        elif kind == "overlap_probe":
+            results[cfg["id"]] = run_overlap_probe(cfg, rank)
         else:
             raise ValueError(kind)
         timings[cfg["id"]] = time.perf_counter() - t0

@@ -11,7 +11,7 @@ import tensorflow as tf
 from keras import initializers
 from keras.saving import deserialize_keras_object, serialize_keras_object
 
-from horovod_local.core.config import SyncConfig
+from horovod_local.core.config import SyncConfig, _compression_mode
 from horovod_local.core.groups import local_process_set as _local_process_set
 from horovod_local.core.ops import ParamSlot
 from horovod_local.core.pipeline import RoundPipeline
@@ -25,7 +25,18 @@ from horovod_local.tensorflow.keras import _compat
 from horovod_local.tensorflow.keras.adaalter import LocalAdaAlter
 from horovod_local.tensorflow.ops import TensorSlot, TFOps
 
-__all__ = ["DistributedLocalOptimizer"]
+__all__ = ["DistributedLocalOptimizer", "OVERLAP_UNAVAILABLE"]
+
+OVERLAP_UNAVAILABLE = (
+    "overlap=True is not available in the Keras front end: Horovod's TensorFlow collectives "
+    "(HorovodAllreduce / HorovodAllgather) are asynchronous kernels whose result is produced "
+    "within the same graph execution (no handle, no separate wait op), so a round's sum cannot "
+    "stay in flight from one compiled train step into the next; only a round run from Python "
+    "on another thread, outside the train step, overlaps (docs/KERAS.md, 'Overlapped rounds: "
+    "not available in Keras, because ...'). Use the PyTorch front end "
+    "(horovod_local.torch.DistributedLocalOptimizer(..., overlap=True)), or compression='fp16' "
+    "/ 'int8' to make the blocking rounds cheaper.")
+
 
 def _dtype_name(dtype) -> str:
     return tf.as_dtype(dtype).name
@@ -62,6 +73,10 @@ class _VariableCounters:
     def __init__(self, opt: "DistributedLocalOptimizer", local: bool = False) -> None:
         self._opt = opt
         self._names = self._LOCAL_NAMES if local else self._NAMES
+        self.ops: Optional[TFOps] = None  # (a compressed round's writes wait for its checks)
+
+    def _gated(self) -> list:
+        return self.ops._gated() if self.ops is not None else []
 
     def _var(self, name: str):
         return getattr(self._opt, self._names[name])
@@ -74,11 +89,13 @@ class _VariableCounters:
 
     def add(self, name: str, value) -> None:
         v = self._var(name)
-        v.assign_add(tf.cast(value, v.dtype))
+        with tf.control_dependencies(self._gated()):
+            v.assign_add(tf.cast(value, v.dtype))
 
     def set(self, name: str, value) -> None:
         v = self._var(name)
-        v.assign(tf.cast(value, v.dtype))
+        with tf.control_dependencies(self._gated()):
+            v.assign(tf.cast(value, v.dtype))
 
 
 class _GraphScheduleHook:
@@ -90,7 +107,10 @@ class _GraphScheduleHook:
 
     def on_sync(self, *, step, lr, local_steps, deviation) -> None:
         opt = self._opt
-        opt._hl_gs.on_sync(step=step, lr=lr, local_steps=local_steps, deviation=deviation)
+        pipe = opt._hl_fns.get("pipeline")
+        # (a compressed round's schedule update waits for its checks, as its other writes)
+        with tf.control_dependencies(pipe.ops._gated() if pipe is not None else []):
+            opt._hl_gs.on_sync(step=step, lr=lr, local_steps=local_steps, deviation=deviation)
 
 
 @keras.saving.register_keras_serializable(package="horovod_local")
@@ -143,6 +163,17 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             broadcast callback, whichever comes first), which needs
             ``hvd.init(process_sets="dynamic")``. Not saved by ``model.save`` (a loaded model
             groups by host).
+        compression: compressed syncs (docs/SEMANTICS.md, "Compressed syncs"): ``'fp16'``
+            (or ``hvd.Compression.fp16``; a float16 allreduce) or ``'int8'`` (blocks of 256
+            with a scale each; an allgather): each rank sends its change since the last common
+            point ``c`` (kept in the anchors), with error feedback (a residual per variable,
+            saved with the optimizer). Default None (``hvd.Compression.none``): the parameters
+            travel in their own dtype. Not with ``state_policy='average'``, LocalAdaAlter or
+            ``nonfinite='skip'``. With ``local_period``, only global rounds are compressed.
+            Saved by ``model.save``.
+        overlap: not available in Keras (``ValueError``): Horovod's TensorFlow ops cannot keep
+            a collective in flight across compiled train steps (docs/KERAS.md, "Overlapped
+            rounds"); use the PyTorch front end for ``overlap=True``.
         name: the optimizer's name.
 
     Before the first step (or ``average_parameters()`` / ``join()`` / the broadcast callback) the
@@ -167,6 +198,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                  slowmo_momentum: float = 0.5, outer_optimizer: Any = None,
                  process_set: Any = None, nonfinite: str = "raise",
                  local_period: Optional[int] = None, local_process_set: Any = None,
+                 compression: Any = None, overlap: bool = False,
                  name: Optional[str] = None, **kwargs) -> None:
         if kwargs:
             raise ValueError(f"DistributedLocalOptimizer does not take {sorted(kwargs)}; set "
@@ -187,11 +219,14 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                 isinstance(outer_optimizer, keras.optimizers.Optimizer) or callable(outer_optimizer)):
             raise ValueError("outer_optimizer must be a keras optimizer or a callable "
                              "anchors -> keras optimizer")
+        if overlap is not False:
+            raise ValueError(OVERLAP_UNAVAILABLE)
         config = SyncConfig.from_arguments(period, warmup_steps, state_policy, algorithm,
                                            slowmo_lr, slowmo_momentum, outer=outer_optimizer,
                                            nonfinite=nonfinite,
                                            adaalter=isinstance(optimizer, LocalAdaAlter),
-                                           local_period=local_period)
+                                           local_period=local_period,
+                                           compression=_compression_mode(compression))
         if local_process_set is not None and local_period is None:
             raise ValueError("local_process_set is only used with local_period (two-level "
                              "averaging); pass local_period too, or drop it")
@@ -311,12 +346,18 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                     dt = "float64" if _dtype_name(v.dtype) == "float64" else "float32"
                     anchors.append(self._hl_var(f"{self._hl_path(v)}_hl_anchor", dt, 0.0,
                                                 shape=v.shape))
-                if not self._hl_config.has_outer:  # SlowMo
+                if self._hl_config.algorithm == "slowmo":
                     momenta = [self._hl_var(f"{self._hl_path(v)}_hl_slow_momentum",
                                             _dtype_name(a.dtype), 0.0, shape=a.shape)
                                for v, a in zip(var_list, anchors)]
             self._hl_anchors = anchors
             self._hl_momenta = momenta
+            # compression: each rank's error-feedback residual e (acc dtype, zeros at first)
+            self._hl_residuals = None
+            if self._hl_config.compression is not None:
+                self._hl_residuals = [
+                    self._hl_var(f"{self._hl_path(v)}_hl_residual", _dtype_name(a.dtype), 0.0,
+                                 shape=a.shape) for v, a in zip(var_list, anchors)]
             # nonfinite='skip': the last good average (parameters after the last sync, or at
             # the first local step) to return to when a round is dropped
             self._hl_last_good = self._hl_good_set = self._hl_skipped = None
@@ -628,8 +669,10 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         pipe = self._hl_fns.get("pipeline")
         if pipe is None:
             cfg = self._hl_config
+            ops, counters = TFOps(self._hl_ps()), _VariableCounters(self)
+            counters.ops = ops
             pipe = RoundPipeline(
-                cfg, TFOps(self._hl_ps()), _VariableCounters(self),
+                cfg, ops, counters,
                 outer_step=lambda anchors, grads: self._hl_outer.apply(
                     [g.value() for g in grads], anchors),
                 reset_adaalter=self.inner_optimizer.reset_local_steps if cfg.adaalter else None)
@@ -650,7 +693,8 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
                 states=states, state_names=[variable_path(x) for x in states],
                 accumulator=pairs[i][0] if pairs else None,
                 denominator=pairs[i][1] if pairs else None,
-                last_good=self._hl_last_good[i] if self._hl_last_good is not None else None))
+                last_good=self._hl_last_good[i] if self._hl_last_good is not None else None,
+                residual=self._hl_residuals[i] if self._hl_residuals is not None else None))
         return slots
 
     def _hl_sync_round(self, joined: tf.Tensor, lr: tf.Tensor, explicit: bool = False
@@ -665,7 +709,8 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         if self._hl_last_good is not None:  # average_parameters() before any local step
             tf.cond(self._hl_good_set < 1, self._hl_remember_good,
                     lambda: tf.constant(0, tf.int64))
-        result = self._hl_pipeline().sync_round(
+        pipe = self._hl_pipeline()
+        result = (pipe.compressed_round if self._hl_config.compression else pipe.sync_round)(
             self._hl_slots(lr), joined=joined,
             step=tf.convert_to_tensor(_compat.iterations(self)), lr=lr,
             schedule=_GraphScheduleHook(self), explicit=explicit)
@@ -799,8 +844,15 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
 
     @property
     def anchors(self):
-        """SlowMo / outer-optimizer anchors x0 (one variable per trainable variable), or None."""
+        """SlowMo / outer-optimizer anchors x0, or compression's common point c (one variable
+        per trainable variable), or None."""
         return self._hl_anchors
+
+    @property
+    def residuals(self):
+        """Compression: this rank's error-feedback residuals e (one variable per trainable
+        variable, saved with the optimizer), or None."""
+        return getattr(self, "_hl_residuals", None)
 
     # ---- serialisation ---------------------------------------------------------------------
     def get_config(self):
@@ -821,6 +873,7 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
             "outer_optimizer": outer,
             "nonfinite": self._hl_config.nonfinite,
             "local_period": self._hl_config.local_period,
+            "compression": self._hl_config.compression,
         }
 
     @classmethod
