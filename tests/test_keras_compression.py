@@ -70,7 +70,7 @@ SAVE_LOAD = [
     dict(id="int8_slowmo_save_load", kind="save_load", inner=SGD_M, schedule=const(3),
          steps=10, more_steps=8, compression="int8", algorithm=SLOWMO),
 ]
-JOBS = [(2, "gloo"), (2, "mpi"), (3, "gloo"), (3, "mpi")]
+JOBS = [(2, "gloo"), (2, "mpi"), (3, "gloo")]  # (3, "mpi"): covered by the PyTorch rounds test (CI time)
 # the PyTorch front end on the same configs: one job (n = 3: the float16 sums of three)
 TORCH_JOBS = [(3, "gloo")]
 MPI_ARGS = ("--mpi-args=--mca mpi_yield_when_idle 1",)
