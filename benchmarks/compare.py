@@ -54,15 +54,21 @@ import traceback
 from pathlib import Path
 
 from compare_lib.bandwidth import BandwidthCap, parse_rate, remove_on_exit
-from compare_lib.config import METHODS, MODES, TASK_SETTINGS
+from compare_lib.config import HOST_MODES, METHODS, MODES, TASK_SETTINGS, TWO_HOST_METHODS
+from compare_lib.hosts import TwoHostBed, parse_hosts
 from compare_lib.launch import kill_children, launch_task, machine_info
-from compare_lib.report import derive, make_plots, summary_lines, write_markdown
+from compare_lib.report import derive, derive_two_host, make_plots, summary_lines, write_markdown
 from compare_lib.worker import worker_main
 
 
 def driver_main(args) -> int:
-    mode = "smoke" if args.smoke else ("full" if args.full else "quick")
-    mcfg = copy.deepcopy(MODES[mode])
+    mode = ("smoke" if args.smoke else "full" if args.full
+            else "overlap_compression" if args.overlap_compression else "quick")
+    per_host = parse_hosts(args.hosts) if args.hosts else None
+    if per_host and mode == "overlap_compression":
+        raise SystemExit("--overlap-compression runs on one host; drop --hosts "
+                         "(or pass --hosts with --methods)")
+    mcfg = copy.deepcopy(HOST_MODES[mode] if per_host else MODES[mode])
     rate = args.rate if args.rate is not None else mcfg["rate"]
     rate_tc, rate_bits = parse_rate(rate)
     tasks = mcfg["tasks"]
@@ -72,6 +78,9 @@ def driver_main(args) -> int:
         if unknown:
             raise SystemExit(f"--tasks: unknown {unknown}; choose from {list(TASK_SETTINGS)}")
         full = MODES["full"]["tasks"]
+        if per_host:  # every task with the two-host methods; digits/charlm as HOST_MODES has them
+            full = {**{k: {**v, "methods": list(TWO_HOST_METHODS)} for k, v in full.items()},
+                    **HOST_MODES["full"]["tasks"]}
         tasks = {k: tasks.get(k, full[k]) for k in want}
     for k, v in tasks.items():
         if args.steps:
@@ -84,17 +93,25 @@ def driver_main(args) -> int:
             if bad:
                 raise SystemExit(f"--methods: unknown {bad}; choose from {list(METHODS)}")
             v["methods"] = [m for m in ms if k == "charlm" or "AdaAlter" not in m]
+    skipped = drop_unavailable(tasks)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    cap = BandwidthCap(rate_tc, rate_bits, args.isolation)
+    if per_host:
+        cap = TwoHostBed(rate_tc, rate_bits, per_host)
+        args.np = cap.np
+        os.environ["HOROVOD_TIMELINE"] = "DYNAMIC"  # which allreduce ran (see allreduce_ops)
+    else:
+        cap = BandwidthCap(rate_tc, rate_bits, args.isolation)
     remove_on_exit(cap, stop_runs=kill_children)
 
     t_all = time.time()
     results = {"mode": mode, "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                "command": " ".join(shlex.quote(a) for a in sys.argv),
                "cwd": os.getcwd(), "np": args.np, "seed": args.seed,
-               "machine": machine_info(), "tasks": []}
+               "machine": machine_info(), "tasks": [], "skipped_methods": skipped}
+    if per_host:
+        results.update(hosts=cap.horovodrun_hosts(), controller=args.controller)
     try:
         results["bandwidth_cap"] = cap.apply()
         print(f"[compare] mode {mode}; bandwidth: {cap.status['message']}", flush=True)
@@ -112,6 +129,8 @@ def driver_main(args) -> int:
     ok_tasks = [t for t in results["tasks"] if t.get("runs")]
     for t in ok_tasks:
         derive(t)
+        if per_host:
+            derive_two_host(t, rate_bits)
     results["tasks"] = ok_tasks + [t for t in results["tasks"] if not t.get("runs")]
     results["summary"] = summary_lines({**results, "tasks": ok_tasks})
     md = write_markdown({**results, "tasks": ok_tasks}, out / "results.md")
@@ -131,6 +150,68 @@ def driver_main(args) -> int:
     return 1 if failed else 0
 
 
+def drop_unavailable(tasks: dict) -> list[str]:
+    """Leaves out the methods this checkout or front end cannot run, saying so: two-level
+    averaging (``local_period``) needs a horovod_local.torch that has it, and the torch tasks."""
+    import inspect
+
+    try:
+        import horovod_local.torch as hlt
+        has_two_level = "local_period" in inspect.signature(
+            hlt.DistributedLocalOptimizer).parameters
+    except Exception as e:  # pragma: no cover
+        has_two_level = False
+        print(f"[compare] cannot import horovod_local.torch: {e!r}", flush=True)
+    keras_compression = _keras_takes_compression()
+    skipped = []
+    for k, v in tasks.items():
+        keep = []
+        for m in v["methods"]:
+            why = None
+            if "local_period" in METHODS[m]:
+                if TASK_SETTINGS[k].get("framework", "torch") != "torch":
+                    why = "two-level averaging is run for the torch tasks only"
+                elif not has_two_level:
+                    why = ("horovod_local.torch.DistributedLocalOptimizer has no local_period "
+                           "argument in this checkout")
+            if why is None and TASK_SETTINGS[k].get("framework", "torch") == "keras":
+                if METHODS[m].get("overlap"):
+                    why = ("overlap=True is not available in the Keras front end (Horovod's "
+                           "TensorFlow collectives cannot stay in flight across compiled train "
+                           "steps; docs/KERAS.md)")
+                elif METHODS[m].get("compression") and not keras_compression:
+                    why = ("horovod_local.tensorflow.keras.DistributedLocalOptimizer takes no "
+                           "compression= in this checkout")
+            if why:
+                skipped.append(f"{k}: {m}: {why}")
+                print(f"[compare] WARNING: skipping {m} on {k}: {why}", flush=True)
+            else:
+                keep.append(m)
+        v["methods"] = keep
+    return skipped
+
+
+def _keras_takes_compression() -> bool:
+    """Whether the Keras wrapper has a ``compression`` argument, read from its source (importing
+    TensorFlow in the driver would cost ~5-10 s)."""
+    import ast
+
+    from compare_lib.config import ROOT
+
+    src = ROOT / "horovod_local" / "tensorflow" / "keras" / "optimizer.py"
+    try:
+        tree = ast.parse(src.read_text())
+    except (OSError, SyntaxError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "DistributedLocalOptimizer":
+            for f in node.body:
+                if isinstance(f, ast.FunctionDef) and f.name == "__init__":
+                    a = f.args
+                    return "compression" in {x.arg for x in [*a.args, *a.kwonlyargs]}
+    return False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -140,6 +221,11 @@ def main(argv=None) -> int:
     g.add_argument("--smoke", action="store_true",
                    help="under a minute: digits (torch) and digits_keras, 2 methods each, "
                         "uncapped")
+    g.add_argument("--overlap-compression", action="store_true",
+                   help="overlapped rounds and compressed syncs: Horovod, local SGD H=8, H=8 "
+                        "overlap / fp16 / int8 / overlap+int8, no-comm, on digits, charlm and "
+                        "digits_keras (Keras: no overlap; compression only if its wrapper has "
+                        "it), quick mode's steps, no time-to-target extension (~6-8 min)")
     ap.add_argument("--rate", default=None,
                     help="loopback cap: 1gbit (default; smoke: none), 10gbit, 500mbit, none")
     ap.add_argument("--out", default="results", help="output folder (default results/)")
@@ -156,7 +242,16 @@ def main(argv=None) -> int:
                     help="run every method this many times (alternating order) and report the "
                          "median wall time / throughput / comm time; curves and metrics come "
                          "from the first repeat")
-    ap.add_argument("--np", type=int, default=2, help="ranks (default 2)")
+    ap.add_argument("--np", type=int, default=2, help="ranks (default 2; --hosts sets it)")
+    ap.add_argument("--hosts", default=None, metavar="2xK",
+                    help="two hosts x K ranks on scripts/hosts.sh's test bed (network "
+                         "namespaces with sshd, brought up for the run and always torn down): "
+                         "--rate caps the inter-host link (default 1gbit), intra-host traffic "
+                         "is uncapped; methods: Horovod, Horovod with "
+                         "HOROVOD_HIERARCHICAL_ALLREDUCE=1, local SGD H=8, two-level H=8 L=1, "
+                         "no-comm. Needs root, iproute2, openssh-server")
+    ap.add_argument("--controller", choices=["gloo", "mpi"], default="gloo",
+                    help="with --hosts: horovodrun's controller (default gloo)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--isolation", choices=["auto", "netns", "host"], default="auto",
                     help="where the cap goes: a private network namespace's lo (auto tries it "

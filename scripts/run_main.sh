@@ -6,6 +6,10 @@
 #   bash scripts/run_main.sh                  # quick; results in results/
 #   bash scripts/run_main.sh --full           # all methods, all three tasks (~10-15 min)
 #   bash scripts/run_main.sh --rate 10gbit --out results/10g
+#   bash scripts/run_main.sh --two-host       # 2 hosts x 2 ranks (scripts/hosts.sh's test bed,
+#                                             # up and down by itself), inter-host link 1 Gbit:
+#                                             # Horovod (+ HOROVOD_HIERARCHICAL_ALLREDUCE=1),
+#                                             # local SGD H=8, two-level H=8 L=1, no-comm
 #
 # Extra arguments go to benchmarks/compare.py (see --help). The bandwidth cap needs root and
 # `tc`; without them the runs are uncapped and the results say so.
@@ -15,9 +19,12 @@ cd "$ROOT"
 bash scripts/setup.sh
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
 mode=(--quick)
+args=()
 for a in "$@"; do
   case "$a" in --full|--smoke|--quick) mode=() ;; esac
+  case "$a" in --two-host) args+=(--hosts 2x2) ;; *) args+=("$a") ;; esac
 done
+set -- ${args[@]+"${args[@]}"}
 out="results"
 prev=""
 for a in "$@"; do

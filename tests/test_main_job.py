@@ -118,3 +118,54 @@ def test_parse_rate():
     assert compare.parse_rate("500mbit") == ("500mbit", 5e8)
     with pytest.raises(SystemExit):
         compare.parse_rate("fast")
+
+
+def test_two_host_mode_parts():
+    """--hosts 2xK: the argument, one launch per hvd.init() configuration (Horovod with
+    HOROVOD_HIERARCHICAL_ALLREDUCE=1 and two-level averaging each in their own), and the
+    two-host numbers (bytes each way over the link, bounds, equal-time readout) from a result.
+    The runs themselves need the test bed and several launches (minutes): see BENCHMARKS.md."""
+    from compare_lib.config import HOST_MODES, METHODS, TWO_HOST_METHODS
+    from compare_lib.hosts import parse_hosts
+    from compare_lib.launch import method_groups
+    from compare_lib.report import derive, derive_two_host, two_host_table_md
+
+    assert parse_hosts("2x2") == 2 and parse_hosts("2x1") == 1
+    for bad in ("3x2", "2x0", "2", "x2"):
+        with pytest.raises(SystemExit):
+            parse_hosts(bad)
+    assert HOST_MODES["quick"]["tasks"]["digits"]["methods"] == TWO_HOST_METHODS
+    groups = method_groups(TWO_HOST_METHODS)
+    assert [m for _, m in groups] == [["Horovod", "local SGD H=8", "no-comm (H=inf)"],
+                                      ["Horovod hierarchical"], ["two-level H=8 L=1"]]
+    assert groups[1][0]["env"] == {"HOROVOD_HIERARCHICAL_ALLREDUCE": "1"}
+    assert [g["host_process_sets"] for g, _ in groups] == [False, False, True]
+    assert [m for _, m in method_groups(["Horovod", "local SGD H=8"])] == \
+        [["Horovod", "local SGD H=8"]]  # single-host modes: one launch, as before
+
+    B = 1000
+
+    def run(method, syncs, wall, curve, bytes_sent=None):
+        return {"method": method, "spec": METHODS[method], "grad_bytes": B, "samples": 100,
+                "syncs": syncs, "bytes_sent": bytes_sent if bytes_sent is not None else
+                syncs * (B + 16), "train_wall_s": wall, "throughput_samples_s": 100 / wall,
+                "final_metric": curve[-1][2], "curve": curve, "comm_s": 0.0,
+                "comm_fraction": 0.0, "steps": 8, "loadavg_1min_end": 4.0,
+                "sync_stats": {"local_syncs": 8} if "two-level" in method else None}
+
+    task = {"higher_is_better": True, "metric_short": "acc", "runs": [
+        run("Horovod", 8, 4.0, [[0, 0.0, 0.1], [8, 4.0, 0.9]], bytes_sent=8 * B),
+        run("local SGD H=8", 1, 2.0, [[0, 0.0, 0.1], [8, 2.0, 0.8]]),
+        run("two-level H=8 L=1", 1, 2.5, [[0, 0.0, 0.1], [8, 2.5, 0.85]]),
+        run("no-comm (H=inf)", 1, 1.0, [[0, 0.0, 0.1], [8, 1.0, 0.7]])]}
+    derive(task)
+    derive_two_host(task, rate_bits=8e3)  # 1000 bytes/s
+    hv, flat, two, nc = task["runs"]
+    assert task["equal_time_s"] == 2.0  # the fastest syncing method
+    assert hv["link_bytes_each_way"] == 8 * B and flat["link_bytes_each_way"] == B + 16
+    assert hv["link_bound_s"] == 8.0 and hv["bound_throughput_samples_s"] == 100 / 9.0
+    assert nc["nocomm_ratio"] == 1.0 and two["local_syncs"] == 8
+    assert [m for _, m in two["metric_at_equal_times"]] == pytest.approx([0.25, 0.4, 0.7])
+    assert flat["metric_at_equal_times"][-1][1] == 0.8
+    table = two_host_table_md(task)
+    assert "| two-level H=8 L=1 |" in table and "0.2500 / 0.4000 / 0.7000" in table

@@ -46,6 +46,113 @@ def derive(task_res: dict) -> None:
                                            if r.get("time_to_target_s") else None)
 
 
+EQUAL_TIME_FRACTIONS = (0.25, 0.5, 1.0)
+
+
+def derive_two_host(task_res: dict, rate_bits: float | None) -> None:
+    """Two hosts: per run, the bytes that must cross the inter-host link (each direction), the
+    bytes/bandwidth bound on throughput, the share of the no-comm bound, and every method's
+    metric at one equal wall time ``T_eq`` (the fastest syncing method's training time)."""
+    runs = task_res["runs"]
+    nc = next((r for r in runs if r["spec"].get("period") == "never"), None)
+    syncing = [r for r in runs if r["spec"].get("period") != "never"]
+    # curves are the first repeat's: so is T (with --repeats the wall s columns are medians)
+    t_eq = min((r.get("rep0_train_wall_s", r["train_wall_s"]) for r in syncing), default=None)
+    task_res["equal_time_s"] = t_eq
+    for r in runs:
+        # Any allreduce between two hosts must carry at least one payload each way (a host
+        # needs the other host's partial sum of every element): global rounds x payload bytes.
+        # Local rounds stay inside a host. Horovod: gradient bytes every step.
+        payload = r["grad_bytes"] if r["spec"]["kind"] == "horovod" else \
+            r["bytes_sent"] / max(1, r["syncs"])
+        r["link_bytes_each_way"] = r["syncs"] * payload
+        r["link_bound_s"] = r["link_bytes_each_way"] * 8 / rate_bits if rate_bits else 0.0
+        r["nocomm_ratio"] = (r["throughput_samples_s"] / nc["throughput_samples_s"]
+                             if nc else None)
+        if nc:
+            bound_wall = nc["train_wall_s"] + r["link_bound_s"]
+            r["bound_throughput_samples_s"] = r["samples"] / bound_wall
+            r["bound_ratio"] = r["throughput_samples_s"] / r["bound_throughput_samples_s"]
+        st = r.get("sync_stats") or {}
+        r["local_syncs"] = st.get("local_syncs", 0)
+        r["metric_at_equal_time"] = curve_at(r["curve"], t_eq) if t_eq else None
+        # the same read earlier too: a saturating metric (digits) differs early, not at T
+        r["metric_at_equal_times"] = ([[f * t_eq, curve_at(r["curve"], f * t_eq)]
+                                       for f in EQUAL_TIME_FRACTIONS] if t_eq else None)
+
+
+def two_host_table_md(task_res: dict) -> str:
+    short = task_res["metric_short"]
+    t_eq = task_res.get("equal_time_s")
+    lines = [f"| method | allreduce run | final {short} (equal steps) | wall s | samples/s | "
+             f"vs Horovod | vs no-comm | vs link bound | global syncs | local rounds | "
+             f"link MB each way | comm s | comm % | {short} at "
+             + " / ".join(f"{f * (t_eq or 0):.1f}" for f in EQUAL_TIME_FRACTIONS)
+             + " s (equal wall time) | load |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def x(v, pct=False):
+        return "" if v is None else (f"{100 * v:.0f}%" if pct else f"{v:.2f}x")
+
+    for r in task_res["runs"]:
+        ops = ", ".join(r.get("allreduce_ops") or []) or \
+            ("ours (one fused allreduce per round)" if r["spec"]["kind"] == "local" else "?")
+        hm = r.get("metric_at_equal_times")
+        lines.append(
+            f"| {r['method']} | {ops} | {fmt_metric(r['final_metric'], short)} | "
+            f"{r['train_wall_s']:.1f} | {r['throughput_samples_s']:.0f} | "
+            f"{x(r.get('speedup_vs_horovod'))} | {x(r.get('nocomm_ratio'), True)} | "
+            f"{x(r.get('bound_ratio'), True)} | {r['syncs']} | {r.get('local_syncs', 0)} | "
+            f"{r['link_bytes_each_way'] / 1e6:.1f} | {r['comm_s']:.1f} | "
+            f"{100 * r['comm_fraction']:.0f}% | "
+            f"{'' if hm is None else ' / '.join(fmt_metric(m, short) for _, m in hm)} | "
+            f"{r.get('loadavg_1min_end', float('nan')):.1f} |")
+    return "\n".join(lines)
+
+
+TWO_HOST_NOTES = " ".join([
+    "Two hosts: allreduce run = the op Horovod's timeline shows for a gradient-sized",
+    "allreduce at the start of the run (HOROVOD_TIMELINE=DYNAMIC; a hierarchical allreduce",
+    "would show as *HIERARCHICAL_ALLREDUCE); vs no-comm = this throughput / the no-comm run's",
+    "(the compute bound); vs link bound = this throughput / samples over (no-comm wall s +",
+    "link MB each way x 8 / rate), where link MB each way = global rounds x payload (the least",
+    "any allreduce between two hosts must carry each way: each host needs the other's partial",
+    "sum of every element; Horovod: gradient bytes every step; local rounds stay in a host);",
+    "a flat ring over 2x2 ranks carries 1.5x that; comm s = time in sync rounds (ours: both",
+    "levels) or in Horovod's synchronize(); metric at T/4 / T/2 / T = each curve read at the",
+    "same training times (equal wall time; linear between evaluations, the final value after",
+    "a run's end), T = the fastest syncing method's wall s; load = 1-min",
+    "load average at the run's end (the 4 ranks alone make about 4 on 2 cores)."])
+
+
+def oc_table_md(task_res: dict) -> str:
+    """Overlapped / compressed syncs (compare.py --overlap-compression, or any run with such a
+    method): throughput against Horovod's per-step allreduce and the no-comm bound, bytes against
+    flat local SGD H=8's, and the final metric against H=8's."""
+    runs = task_res["runs"]
+    short = task_res["metric_short"]
+    hv = next((r for r in runs if r["spec"]["kind"] == "horovod"), None)
+    nc = next((r for r in runs if r["spec"].get("period") == "never"), None)
+    h8 = next((r for r in runs if r["method"] == "local SGD H=8"), None)
+    lines = [f"| method | samples/s | vs Horovod | vs no-comm | syncs | MB sent/rank | "
+             f"MB vs H=8 | comm s | final {short} | {short} - H=8's |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(a, b, fmt="{:.2f}x"):
+        return fmt.format(a / b) if b else ""
+
+    for r in runs:
+        lines.append(
+            f"| {r['method']} | {r['throughput_samples_s']:.0f} | "
+            f"{ratio(r['throughput_samples_s'], hv and hv['throughput_samples_s'])} | "
+            f"{ratio(r['throughput_samples_s'], nc and nc['throughput_samples_s'])} | "
+            f"{r['syncs']} | {r['bytes_sent'] / 1e6:.1f} | "
+            f"{ratio(r['bytes_sent'], h8 and h8['bytes_sent'], '{:.3f}')} | "
+            f"{r['comm_s']:.1f} | {fmt_metric(r['final_metric'], short)} | "
+            + (f"{r['final_metric'] - h8['final_metric']:+.4f}" if h8 else "") + " |")
+    return "\n".join(lines)
+
+
 def fmt_metric(v, short):
     return f"{v:.4f}" if short == "acc" else f"{v:.3f}"
 
@@ -98,6 +205,12 @@ def write_markdown(results: dict, path: Path) -> str:
              f"- load average at start / end: {results['machine'].get('loadavg_start')} / "
              f"{results['machine'].get('loadavg_end')}",
              ""]
+    if results.get("hosts"):
+        parts[-1:] = [f"- hosts: `horovodrun -np {results['np']} -H {results['hosts']} "
+                      f"--{results['controller']} --network-interface hl0` launched on hostA "
+                      f"(scripts/hosts.sh's test bed)", ""]
+    for line in results.get("skipped_methods") or []:
+        parts[-1:] = [f"- not run: {line}", ""]
     for t in results["tasks"]:
         tc = t["task_config"]
         nparams = t["runs"][0]["n_params"] if t["runs"] else "?"
@@ -116,7 +229,17 @@ def write_markdown(results: dict, path: Path) -> str:
                       f"curves and the time-to-target columns come from the first repeat.", ""]
         if not t.get("complete", True):
             parts += ["**Incomplete: the launch failed part-way; see logs/.**", ""]
-        parts += [table_md(t), ""]
+        if "equal_time_s" in t:
+            parts += [two_host_table_md(t), ""]
+        else:
+            parts += [table_md(t), ""]
+        if any(r["spec"].get("overlap") or r["spec"].get("compression") for r in t["runs"]):
+            parts += ["Overlapped rounds and compressed syncs (MB sent/rank: what this rank "
+                      "handed to the collective: fp16 2 bytes an element by allreduce, int8 1 "
+                      "byte an element + a 4-byte scale per 256 by allgather; the final "
+                      "average_parameters() included):", "", oc_table_md(t), ""]
+    if any("equal_time_s" in t for t in results["tasks"]):
+        parts += [TWO_HOST_NOTES, ""]
     parts += [" ".join([
         "wall s = training time on rank 0 between a start barrier and the end (evaluation",
         "excluded; the final sync included); samples/s = samples over both ranks / wall s;",
@@ -145,6 +268,9 @@ def make_plots(results: dict, out: Path) -> list[str]:
     files = []
     rate = results["bandwidth_cap"]["requested_rate"] if results["bandwidth_cap"]["applied"] \
         else "uncapped"
+    where = (f"2 hosts ({results['hosts']}, {results.get('controller', 'gloo')}), inter-host "
+             f"link {rate}" if results.get("hosts")
+             else f"loopback {rate}")
     styles = {}
 
     def style(label):
@@ -187,13 +313,19 @@ def make_plots(results: dict, out: Path) -> list[str]:
                 if vals:
                     ax.set_ylim(max(0.0, min(vals) - 0.02), min(1.0, max(vals) + 0.01))
         axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+        if t.get("equal_time_s"):
+            axes[0].axvline(t["equal_time_s"], color="grey", lw=0.8, ls="--")
         fig.suptitle(f"{t['task']}: {t['metric_name']} of the averaged model, {t['size']} ranks, "
-                     f"loopback {rate}")
+                     f"{where}")
         fig.tight_layout()
         f = out / f"{t['task']}_metric.png"
         fig.savefig(f, dpi=90)
         plt.close(fig)
         files.append(f.name)
+
+    if results.get("hosts"):
+        files.append(two_host_plot(results, out, where))
+        return files
 
     # Throughput vs H (local SGD), with Horovod and no-comm as references.
     ncol = max(1, len(results["tasks"]))
@@ -268,6 +400,39 @@ def make_plots(results: dict, out: Path) -> list[str]:
     return files
 
 
+def two_host_plot(results: dict, out: Path, where: str) -> str:
+    """Per task: throughput of every method (bars) with its bytes/bandwidth bound (markers)."""
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in results["tasks"] if t.get("equal_time_s") is not None]
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(6.5 * max(1, len(tasks)), 4.4),
+                             squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        runs = t["runs"]
+        xs = range(len(runs))
+        ax.bar(xs, [r["throughput_samples_s"] for r in runs], color="tab:blue",
+               label="measured")
+        bx = [i for i, r in zip(xs, runs) if r.get("bound_throughput_samples_s")]
+        ax.plot(bx, [runs[i]["bound_throughput_samples_s"] for i in bx], "k_", ms=28, mew=2,
+                label="bytes/bandwidth bound")
+        for i, r in zip(xs, runs):
+            ax.annotate(fmt_metric(r["final_metric"], t["metric_short"]),
+                        (i, r["throughput_samples_s"]), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([r["method"].replace(" ", "\n", 1) for r in runs], fontsize=8)
+        ax.set_ylabel("throughput (samples/s, all ranks)")
+        ax.set_title(f"{t['task']}, {t['steps']} steps (labels: final {t['metric_short']})",
+                     fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(where)
+    fig.tight_layout()
+    f = out / "two_host_throughput.png"
+    fig.savefig(f, dpi=90)
+    plt.close(fig)
+    return f.name
+
+
 def summary_lines(results: dict) -> list[str]:
     rate = results["bandwidth_cap"]["requested_rate"] if results["bandwidth_cap"]["applied"] \
         else "uncapped"
@@ -276,6 +441,9 @@ def summary_lines(results: dict) -> list[str]:
         runs = {r["method"]: r for r in t["runs"]}
         hv = runs.get("Horovod")
         if not hv:
+            continue
+        if "equal_time_s" in t:
+            out += _two_host_summary(t, runs, hv, rate)
             continue
         for label in ("local SGD H=8", "Local AdaAlter H=4", "local SGD H=4"):
             r = runs.get(label)
@@ -291,4 +459,37 @@ def summary_lines(results: dict) -> list[str]:
                            f"{fmt_metric(hv['final_metric'], short)}, "
                            f"{100 * r['bytes_ratio_vs_horovod']:.1f}% of its bytes; {reach}")
                 break
+    return out
+
+
+def _two_host_summary(t: dict, runs: dict, hv: dict, rate: str) -> list[str]:
+    short, higher = t["metric_short"], t["higher_is_better"]
+    out = []
+    hh = runs.get("Horovod hierarchical")
+    if hh:
+        out.append(f"[{t['task']}] HOROVOD_HIERARCHICAL_ALLREDUCE=1: allreduce "
+                   f"{', '.join(hh.get('allreduce_ops') or ['?'])} (without: "
+                   f"{', '.join(hv.get('allreduce_ops') or ['?'])}), "
+                   f"{hh['speedup_vs_horovod']:.2f}x Horovod's throughput")
+    flat, two = runs.get("local SGD H=8"), runs.get("two-level H=8 L=1")
+    for r in (flat, two):
+        if r:
+            out.append(f"[{t['task']}] {r['method']}: {r['speedup_vs_horovod']:.2f}x Horovod's "
+                       f"throughput (2 hosts, {rate}), {short} "
+                       f"{fmt_metric(r['final_metric'], short)} vs Horovod's "
+                       f"{fmt_metric(hv['final_metric'], short)} at equal steps; "
+                       f"{100 * r['nocomm_ratio']:.0f}% of no-comm, "
+                       f"{100 * r['bound_ratio']:.0f}% of the bytes/bandwidth bound"
+                       if r.get("nocomm_ratio") is not None else
+                       f"[{t['task']}] {r['method']}: {r['speedup_vs_horovod']:.2f}x Horovod's "
+                       f"throughput")
+    if flat and two and t.get("equal_time_s"):
+        for (tt, a), (_, b), (_, h) in zip(two["metric_at_equal_times"],
+                                           flat["metric_at_equal_times"],
+                                           hv["metric_at_equal_times"]):
+            verdict = ("two-level better" if ((a > b) if higher else (a < b)) else
+                       "equal" if a == b else "two-level not better")
+            out.append(f"[{t['task']}] at equal wall time {tt:.1f}s: two-level "
+                       f"{fmt_metric(a, short)} vs flat H=8 {fmt_metric(b, short)} vs Horovod "
+                       f"{fmt_metric(h, short)} ({verdict})")
     return out

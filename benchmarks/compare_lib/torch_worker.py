@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import copy
+import os
+import re
+import socket
+import tempfile
 import time
+from pathlib import Path
 
 import horovod.torch as hvd
 import torch
@@ -31,8 +36,19 @@ class TorchRun:
             self.opt = hvd.DistributedOptimizer(self.inner,
                                                 named_parameters=model.named_parameters(),
                                                 op=hvd.Average)
+            # Which allreduce Horovod really runs (two hosts: whether HOROVOD_HIERARCHICAL_
+            # ALLREDUCE took effect), from its timeline, before the timed run.
+            self.allreduce_ops = w.allreduce_ops(self.grad_bytes // 4)
         else:
             kw = dict(SLOWMO, algorithm="slowmo") if spec.get("algorithm") == "slowmo" else {}
+            if spec.get("local_period") is not None:  # two-level averaging
+                kw["local_period"] = spec["local_period"]
+                if w.local_process_set is not None:
+                    kw["local_process_set"] = w.local_process_set
+            if spec.get("overlap"):  # overlapped rounds (one-round-delayed averaging)
+                kw["overlap"] = True
+            if spec.get("compression"):  # compressed syncs: 'fp16' | 'int8'
+                kw["compression"] = spec["compression"]
             self.opt = hlt.DistributedLocalOptimizer(self.inner, model.named_parameters(),
                                                      period=make_period(hl, spec, steps), **kw)
         self.sched = None
@@ -91,7 +107,22 @@ class TorchWorker:
 
     def __init__(self, cfg: dict) -> None:
         torch.set_num_threads(1)
-        hvd.init()
+        self.local_process_set = None
+        groups = cfg.get("host_process_sets")
+        if groups:
+            # Two-level averaging: one process set per host, registered at init (no dynamic
+            # process sets: those cost a global negotiation every cycle of Horovod's loop).
+            sets = [hvd.ProcessSet(g) for g in groups]
+            hvd.init(process_sets=sets)
+            self.local_process_set = next(ps for ps in sets if ps.included())
+            hosts = hvd.allgather_object(socket.gethostname())
+            for g in groups:
+                if len({hosts[r] for r in g}) != 1 or any(
+                        hosts[r] == hosts[g[0]] for r in range(len(hosts)) if r not in g):
+                    raise RuntimeError(f"host_process_sets {groups} do not match where the "
+                                       f"ranks run: {hosts}")
+        else:
+            hvd.init()
         self.rank, self.size, self.seed = hvd.rank(), hvd.size(), cfg["seed"]
         self.settings = TASK_SETTINGS[cfg["task"]]
         self.task = make_task(cfg["task"], **self.settings["task_kwargs"])
@@ -110,6 +141,25 @@ class TorchWorker:
         if settings["inner"] == "adagrad":
             return torch.optim.Adagrad(params, lr=lr), True
         raise ValueError(settings["inner"])
+
+    def allreduce_ops(self, numel: int) -> list[str] | None:
+        """The op names of one float32 allreduce of ``numel`` elements in Horovod's timeline
+        (e.g. GLOO_ALLREDUCE, MPI_ALLREDUCE, NCCL_HIERARCHICAL_ALLREDUCE) on rank 0; None unless
+        the ranks run with HOROVOD_TIMELINE=DYNAMIC (two-host mode sets it)."""
+        if os.environ.get("HOROVOD_TIMELINE") != "DYNAMIC":
+            return None
+        fd, path = tempfile.mkstemp(prefix="hl-bench-timeline-", suffix=".json")
+        os.close(fd)
+        try:
+            hvd.start_timeline(path, mark_cycles=False)
+            hvd.allreduce(torch.zeros(numel), name="bench.probe_op", op=hvd.Average)
+            hvd.stop_timeline()
+            text = Path(path).read_text() if self.rank == 0 else ""
+        finally:
+            os.unlink(path)
+        # the op that moved the data (e.g. GLOO_ALLREDUCE), not the phases every op has
+        ops = set(re.findall(r'"name": "([A-Z_]+_ALLREDUCE)"', text)) - {"NEGOTIATE_ALLREDUCE"}
+        return sorted(ops) or None
 
     def barrier(self) -> None:
         hvd.allreduce(torch.zeros(1), name="bench.barrier", op=hvd.Sum)

@@ -89,14 +89,18 @@ def worker_main(cfg_path: str) -> None:
                 st = r.sync_stats()
                 last_syncs = st.syncs
                 period_curve.append([step, float(st.period)])
-            if step == steps and local and r.sync_stats().local_steps > 0:
+            # overlap: a round may be in flight and the replicas differ even right after a
+            # boundary (x = avg(sent) + local progress): always end with average_parameters(),
+            # which completes the round in flight, then makes the replicas identical.
+            overlap = bool(spec.get("overlap"))
+            if step == steps and local and (overlap or r.sync_stats().local_steps > 0):
                 r.synchronize()  # every method ends averaged (no-comm: its one sync)
             if step % eval_every == 0 or step == steps or step == max_steps:
                 w.barrier()  # the slower rank's time counts as training time
                 now = time.perf_counter()
                 train_s += now - t_seg
                 cpu_s += time.process_time() - c_seg
-                need_avg = local and r.sync_stats().local_steps > 0
+                need_avg = local and (overlap or r.sync_stats().local_steps > 0)
                 metric = r.evaluate(need_avg)
                 curve.append([step, train_s, metric])
                 if step == steps:
@@ -136,6 +140,10 @@ def worker_main(cfg_path: str) -> None:
                # 1-min load average at the end: our 2 ranks alone make ~2; more = other work
                # on the machine competed for the cores during this run.
                "loadavg_1min_end": os.getloadavg()[0]}
+        if getattr(r, "allreduce_ops", None):
+            run["allreduce_ops"] = r.allreduce_ops  # Horovod's timeline: which allreduce ran
+        if spec["kind"] == "horovod" and spec.get("env"):
+            run["env"] = spec["env"]
         if spec["kind"] == "horovod":
             # Not counted by a library: gradient bytes x steps, what the allreduces carried.
             run.update(syncs=steps, bytes_sent=r.grad_bytes * steps,
