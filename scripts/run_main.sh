@@ -21,7 +21,7 @@ export TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
 mode=(--quick)
 args=()
 for a in "$@"; do
-  case "$a" in --full|--smoke|--quick) mode=() ;; esac
+  case "$a" in --full|--smoke|--quick|--overlap-compression) mode=() ;; esac
   case "$a" in --two-host) args+=(--hosts 2x2) ;; *) args+=("$a") ;; esac
 done
 set -- ${args[@]+"${args[@]}"}
