@@ -89,30 +89,37 @@ class TorchOps(SyncOps):
         buf[-1] = guard  # exact: |x| of one element of this dtype (or NaN)
         return buf
 
-    def allreduce_sum(self, buckets, bufs, what, step):
+    def _start_sums(self, buckets, bufs) -> tuple[list, list]:
+        """One summing ``allreduce_async_`` per buffer: (handles, wire tensors). Horovod 0.28's
+        torch ops have no bfloat16: such a buffer travels as float32 (exact), summed there and
+        rounded once on the way back (:meth:`_wait_sums`)."""
         hvd = _hvd()
-        # Horovod 0.28's torch ops have no bfloat16: such a buffer travels as float32 (exact),
-        # summed there and rounded once on the way back
         wire = [buf.float() if buf.dtype == torch.bfloat16 else buf for buf in bufs]
-        with self.naming_lost_ranks(f"the {what} at step {step}"), \
-                round_watchdog(f"the {what} at step {step}", hvd.rank(), self.ranks()):
-            handles = [hvd.allreduce_async_(w, name=protocol.SYNC_NAME.format(b.dtype_name),
-                                            op=hvd.Sum, process_set=self.process_set)
-                       for b, w in zip(buckets, wire)]
-            for h in handles:
-                hvd.synchronize(h)
+        handles = [hvd.allreduce_async_(w, name=protocol.SYNC_NAME.format(b.dtype_name),
+                                        op=hvd.Sum, process_set=self.process_set)
+                   for b, w in zip(buckets, wire)]
+        return handles, wire
+
+    @staticmethod
+    def _wait_sums(handles, bufs, wire) -> list:
+        hvd = _hvd()
+        for h in handles:
+            hvd.synchronize(h)
         for buf, w in zip(bufs, wire):
             if w is not buf:
                 buf.copy_(w)
         return list(bufs)
 
-    def allreduce_start(self, buckets, bufs, what, step):
+    def allreduce_sum(self, buckets, bufs, what, step):
         hvd = _hvd()
-        wire = [buf.float() if buf.dtype == torch.bfloat16 else buf for buf in bufs]
+        with self.naming_lost_ranks(f"the {what} at step {step}"), \
+                round_watchdog(f"the {what} at step {step}", hvd.rank(), self.ranks()):
+            handles, wire = self._start_sums(buckets, bufs)
+            return self._wait_sums(handles, bufs, wire)
+
+    def allreduce_start(self, buckets, bufs, what, step):
         with self.naming_lost_ranks(f"the start of the {what} at step {step}"):
-            handles = [hvd.allreduce_async_(w, name=protocol.SYNC_NAME.format(b.dtype_name),
-                                            op=hvd.Sum, process_set=self.process_set)
-                       for b, w in zip(buckets, wire)]
+            handles, wire = self._start_sums(buckets, bufs)
         return handles, list(bufs), wire, what, step
 
     def allreduce_finish(self, handle):
@@ -120,12 +127,7 @@ class TorchOps(SyncOps):
         handles, bufs, wire, what, step = handle
         with self.naming_lost_ranks(f"the {what} started at step {step}"), \
                 round_watchdog(f"the {what} started at step {step}", hvd.rank(), self.ranks()):
-            for h in handles:
-                hvd.synchronize(h)
-        for buf, w in zip(bufs, wire):
-            if w is not buf:
-                buf.copy_(w)
-        return bufs
+            return self._wait_sums(handles, bufs, wire)
 
     def finish_pack(self, bucket, buf, guard, control):
         n = bucket.data_numel()
