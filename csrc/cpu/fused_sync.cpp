@@ -1090,6 +1090,34 @@ void add_blocks(Call& c, int64_t n) {
   c.nblocks += int8_blocks(n);
 }
 
+// A state list that runs alongside params: its tensor j has params[j]'s numel, the state dtype.
+struct Aligned {
+  const char* name;
+  const std::vector<at::Tensor>& ts;
+  bool written;
+};
+
+// Prepares params[j] (dtype `dt`) and the j-th tensor of each list (dtype `at_`), in that order,
+// and adds the segment: p0 = the param, p1, p2, p3 = the lists' tensors. The callers check the
+// lists' lengths first. `blocks`: also lay out the segment's int8 blocks.
+void add_aligned(Call& c, const std::vector<at::Tensor>& params, at::ScalarType dt,
+                 bool params_written, std::initializer_list<Aligned> lists, at::ScalarType at_,
+                 const char* pnote = nullptr, const char* snote = nullptr, bool blocks = false) {
+  TORCH_INTERNAL_ASSERT(lists.size() <= 3);
+  for (size_t j = 0; j < params.size(); ++j) {
+    void* p = prepare(c, "params", j, params[j], dt, -1, params_written, "params", pnote);
+    const int64_t n = params[j].numel();
+    void* s[3] = {nullptr, nullptr, nullptr};
+    size_t k = 0;
+    for (const Aligned& l : lists) s[k++] = prepare(c, l.name, j, l.ts[j], at_, n, l.written,
+                                                    "params", snote);
+    add_seg(c, p, s[0], s[1], n);
+    if (n == 0) continue;
+    c.segs.back().p3 = s[2];
+    if (blocks) add_blocks(c, n);
+  }
+}
+
 double overlap_average_pack(const at::Tensor& buf, const std::vector<at::Tensor>& params,
                             const std::vector<at::Tensor>& sent, double scale, int64_t offset) {
   const char* fn = "overlap_average_pack";
@@ -1097,12 +1125,7 @@ double overlap_average_pack(const at::Tensor& buf, const std::vector<at::Tensor>
   check_len(fn, "sent", sent.size(), params.size());
   const auto dt = buf.scalar_type();
   const auto at_ = acc_dtype(dt);
-  for (size_t j = 0; j < params.size(); ++j) {
-    void* p = prepare(c, "params", j, params[j], dt, -1, true);
-    const int64_t n = params[j].numel();
-    void* sp = prepare(c, "sent", j, sent[j], at_, n, true);
-    add_seg(c, p, sp, nullptr, n);
-  }
+  add_aligned(c, params, dt, true, {{"sent", sent, true}}, at_);
   check_capacity(c);
   c.args.buf = buf.data_ptr();
   c.args.offset = offset;
@@ -1119,13 +1142,7 @@ double carry_pack(const std::vector<at::Tensor>& bases, const std::vector<at::Te
   check_len(fn, "sent", sent.size(), params.size());
   const auto dt = buf.scalar_type();
   const auto at_ = acc_dtype(dt);
-  for (size_t j = 0; j < params.size(); ++j) {
-    void* p = prepare(c, "params", j, params[j], dt, -1, true);
-    const int64_t n = params[j].numel();
-    void* bp = prepare(c, "bases", j, bases[j], at_, n, false);
-    void* sp = prepare(c, "sent", j, sent[j], at_, n, true);
-    add_seg(c, p, bp, sp, n);
-  }
+  add_aligned(c, params, dt, true, {{"bases", bases, false}, {"sent", sent, true}}, at_);
   check_capacity(c);
   c.args.buf = buf.data_ptr();
   c.args.offset = offset;
@@ -1149,13 +1166,8 @@ double pack_delta_fp16(const std::vector<at::Tensor>& params,
   check_len(fn, "residuals", residuals.size(), params.size());
   const auto dt = params_dtype(fn, params);
   const auto at_ = acc_dtype(dt);
-  for (size_t j = 0; j < params.size(); ++j) {
-    void* p = prepare(c, "params", j, params[j], dt, -1, false, "params", kFirstNote);
-    const int64_t n = params[j].numel();
-    void* a = prepare(c, "anchors", j, anchors[j], at_, n, false, "params", kStateNote);
-    void* e = prepare(c, "residuals", j, residuals[j], at_, n, true, "params", kStateNote);
-    add_seg(c, p, a, e, n);
-  }
+  add_aligned(c, params, dt, false, {{"anchors", anchors, false}, {"residuals", residuals, true}},
+              at_, kFirstNote, kStateNote);
   check_capacity(c);
   c.args.buf = buf.data_ptr();
   c.args.offset = offset;
@@ -1186,14 +1198,8 @@ void quantize_int8(const std::vector<at::Tensor>& params, const std::vector<at::
                    "horovod_local.", fn, ": scales has dtype ", dtype_name(scales.scalar_type()),
                    ", expected ", (at_ == at::kDouble ? "torch.float64" : "torch.float32"),
                    kStateNote);
-  for (size_t j = 0; j < params.size(); ++j) {
-    void* p = prepare(c, "params", j, params[j], dt, -1, false, "params", kFirstNote);
-    const int64_t n = params[j].numel();
-    void* a = prepare(c, "anchors", j, anchors[j], at_, n, false, "params", kStateNote);
-    void* e = prepare(c, "residuals", j, residuals[j], at_, n, true, "params", kStateNote);
-    add_seg(c, p, a, e, n);
-    add_blocks(c, n);
-  }
+  add_aligned(c, params, dt, false, {{"anchors", anchors, false}, {"residuals", residuals, true}},
+              at_, kFirstNote, kStateNote, /*blocks=*/true);
   check_room(fn, "q", q.numel(), "q_offset", q_offset, c.total, "total numel");
   check_room(fn, "scales", scales.numel(), "s_offset", s_offset, c.nblocks, "blocks");
   if (c.total == 0) return;
@@ -1272,12 +1278,8 @@ void unpack_delta_average(const at::Tensor& buf, const std::vector<at::Tensor>& 
                      dtype_name(bt), ", expected torch.float16 or ", dtype_name(at_),
                      " (the state dtype of params of ", dtype_name(dt), ")");
   }
-  for (size_t j = 0; j < params.size(); ++j) {
-    void* p = prepare(c, "params", j, params[j], dt, -1, true, "params", kFirstNote);
-    const int64_t n = params[j].numel();
-    void* a = prepare(c, "anchors", j, anchors[j], acc_dtype(dt), n, true, "params", kStateNote);
-    add_seg(c, p, a, nullptr, n);
-  }
+  add_aligned(c, params, dt, true, {{"anchors", anchors, true}}, acc_dtype(dt), kFirstNote,
+              kStateNote);
   check_capacity(c);
   if (c.total == 0) return;
   c.args.buf = buf.data_ptr();
@@ -1299,15 +1301,9 @@ double overlap_delta_pack_fp16(const at::Tensor& buf, const std::vector<at::Tens
   check_len(fn, "residuals", residuals.size(), params.size());
   const auto dt = params_dtype(fn, params);
   const auto at_ = acc_dtype(dt);
-  for (size_t j = 0; j < params.size(); ++j) {
-    void* p = prepare(c, "params", j, params[j], dt, -1, true, "params", kFirstNote);
-    const int64_t n = params[j].numel();
-    void* a = prepare(c, "anchors", j, anchors[j], at_, n, true, "params", kStateNote);
-    void* sp = prepare(c, "sent", j, sent[j], at_, n, true, "params", kStateNote);
-    void* e = prepare(c, "residuals", j, residuals[j], at_, n, true, "params", kStateNote);
-    add_seg(c, p, a, sp, n);
-    if (n > 0) c.segs.back().p3 = e;
-  }
+  add_aligned(c, params, dt, true,
+              {{"anchors", anchors, true}, {"sent", sent, true}, {"residuals", residuals, true}},
+              at_, kFirstNote, kStateNote);
   check_capacity(c);
   if (c.total == 0) return 0.0;
   c.args.buf = buf.data_ptr();

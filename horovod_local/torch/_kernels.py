@@ -181,6 +181,18 @@ def _check_len(fn: str, arg: str, got: int, want: int, ref: str = "params") -> N
         raise ValueError(f"horovod_local.{fn}: {arg} has {got} entries but {ref} has {want}")
 
 
+def _check_aligned(fn: str, buf: torch.Tensor, params: list, pdt, lists, sdt,
+                   pnote: Optional[str] = None, snote: Optional[str] = None,
+                   bufname: str = "buf") -> None:
+    """params[j] (dtype ``pdt``) and, for each ``(name, tensors)`` of ``lists``, ``tensors[j]``
+    (dtype ``sdt``, as many elements as params[j]): the checks of an op whose state lists run
+    alongside its params (their lengths are checked by the caller, first)."""
+    for j, p in enumerate(params):
+        _check_tensor(fn, "params", j, p, pdt, buf, note=pnote, bufname=bufname)
+        for name, ts in lists:
+            _check_tensor(fn, name, j, ts[j], sdt, buf, p.numel(), note=snote, bufname=bufname)
+
+
 def _check_capacity(fn: str, buf: torch.Tensor, offset: int, total: int) -> None:
     n = buf.numel()
     if offset + total > n:
@@ -315,10 +327,7 @@ class _PythonBackend:
         _check_len(fn, "anchors", len(anchors), len(params))
         _check_len(fn, "grads", len(grads), len(params))
         sdt = state_dtype(buf.dtype)
-        for j, p in enumerate(params):
-            _check_tensor(fn, "params", j, p, buf.dtype, buf)
-            _check_tensor(fn, "anchors", j, anchors[j], sdt, buf, p.numel())
-            _check_tensor(fn, "grads", j, grads[j], sdt, buf, p.numel())
+        _check_aligned(fn, buf, params, buf.dtype, (("anchors", anchors), ("grads", grads)), sdt)
         _check_capacity(fn, buf, offset, sum(p.numel() for p in params))
         scale = float(scale)
         dev = torch.zeros((), dtype=torch.float64, device=buf.device)
@@ -364,9 +373,7 @@ class _PythonBackend:
         _check_buf(fn, buf, offset)
         _check_len(fn, "sent", len(sent), len(params))
         sdt = state_dtype(buf.dtype)
-        for j, p in enumerate(params):
-            _check_tensor(fn, "params", j, p, buf.dtype, buf)
-            _check_tensor(fn, "sent", j, sent[j], sdt, buf, p.numel())
+        _check_aligned(fn, buf, params, buf.dtype, (("sent", sent),), sdt)
         total = _total(params)
         _check_capacity(fn, buf, offset, total)
         scale = float(scale)
@@ -391,10 +398,7 @@ class _PythonBackend:
         _check_len(fn, "bases", len(bases), len(params))
         _check_len(fn, "sent", len(sent), len(params))
         sdt = state_dtype(buf.dtype)
-        for j, p in enumerate(params):
-            _check_tensor(fn, "params", j, p, buf.dtype, buf)
-            _check_tensor(fn, "bases", j, bases[j], sdt, buf, p.numel())
-            _check_tensor(fn, "sent", j, sent[j], sdt, buf, p.numel())
+        _check_aligned(fn, buf, params, buf.dtype, (("bases", bases), ("sent", sent)), sdt)
         total = _total(params)
         _check_capacity(fn, buf, offset, total)
         for seg, p, b, s in zip(_flat_segments(buf, params, offset), params, bases, sent):
@@ -419,11 +423,8 @@ class _PythonBackend:
         _check_len(fn, "residuals", len(residuals), len(params))
         pdt = _params_dtype(fn, params)
         sdt = state_dtype(pdt) if pdt is not None else None
-        for j, p in enumerate(params):
-            _check_tensor(fn, "params", j, p, pdt, buf, note=_FIRST_NOTE)
-            _check_tensor(fn, "anchors", j, anchors[j], sdt, buf, p.numel(), note=_STATE_NOTE)
-            _check_tensor(fn, "residuals", j, residuals[j], sdt, buf, p.numel(),
-                          note=_STATE_NOTE)
+        _check_aligned(fn, buf, params, pdt, (("anchors", anchors), ("residuals", residuals)),
+                       sdt, _FIRST_NOTE, _STATE_NOTE)
         total = _total(params)
         _check_capacity(fn, buf, offset, total)
         for seg, p, c, e in zip(_flat_segments(buf, params, offset), params, anchors, residuals):
@@ -455,12 +456,8 @@ class _PythonBackend:
             want = "torch.float64" if sdt == torch.float64 else "torch.float32"
             raise TypeError(f"horovod_local.{fn}: scales has dtype {_dtype_name(scales.dtype)}, "
                             f"expected {want}{_STATE_NOTE}")
-        for j, p in enumerate(params):
-            _check_tensor(fn, "params", j, p, pdt, q, note=_FIRST_NOTE, bufname="q")
-            _check_tensor(fn, "anchors", j, anchors[j], sdt, q, p.numel(), note=_STATE_NOTE,
-                          bufname="q")
-            _check_tensor(fn, "residuals", j, residuals[j], sdt, q, p.numel(), note=_STATE_NOTE,
-                          bufname="q")
+        _check_aligned(fn, q, params, pdt, (("anchors", anchors), ("residuals", residuals)),
+                       sdt, _FIRST_NOTE, _STATE_NOTE, bufname="q")
         total = _total(params)
         nblocks = int8_num_blocks(p.numel() for p in params)
         _check_room(fn, "q", q.numel(), "q_offset", q_offset, total, "total numel")
@@ -562,15 +559,13 @@ class _PythonBackend:
         _check_buf(fn, buf, offset)
         _check_len(fn, "anchors", len(anchors), len(params))
         pdt = _params_dtype(fn, params)
-        if pdt is not None:
-            sdt = state_dtype(pdt)
-            if buf.dtype not in (torch.float16, sdt):
-                raise TypeError(f"horovod_local.{fn}: buf has dtype {_dtype_name(buf.dtype)}, "
-                                f"expected torch.float16 or {_dtype_name(sdt)} (the state dtype "
-                                f"of params of {_dtype_name(pdt)})")
-        for j, p in enumerate(params):
-            _check_tensor(fn, "params", j, p, pdt, buf, note=_FIRST_NOTE)
-            _check_tensor(fn, "anchors", j, anchors[j], sdt, buf, p.numel(), note=_STATE_NOTE)
+        sdt = state_dtype(pdt) if pdt is not None else None
+        if pdt is not None and buf.dtype not in (torch.float16, sdt):
+            raise TypeError(f"horovod_local.{fn}: buf has dtype {_dtype_name(buf.dtype)}, "
+                            f"expected torch.float16 or {_dtype_name(sdt)} (the state dtype "
+                            f"of params of {_dtype_name(pdt)})")
+        _check_aligned(fn, buf, params, pdt, (("anchors", anchors),), sdt, _FIRST_NOTE,
+                       _STATE_NOTE)
         total = _total(params)
         _check_capacity(fn, buf, offset, total)
         scale = float(scale)
@@ -596,10 +591,9 @@ class _PythonBackend:
         _check_len(fn, "residuals", len(residuals), len(params))
         pdt = _params_dtype(fn, params)
         sdt = state_dtype(pdt) if pdt is not None else None
-        for j, p in enumerate(params):
-            _check_tensor(fn, "params", j, p, pdt, buf, note=_FIRST_NOTE)
-            for arg, lst in (("anchors", anchors), ("sent", sent), ("residuals", residuals)):
-                _check_tensor(fn, arg, j, lst[j], sdt, buf, p.numel(), note=_STATE_NOTE)
+        _check_aligned(fn, buf, params, pdt,
+                       (("anchors", anchors), ("sent", sent), ("residuals", residuals)), sdt,
+                       _FIRST_NOTE, _STATE_NOTE)
         total = _total(params)
         _check_capacity(fn, buf, offset, total)
         scale = float(scale)
