@@ -184,9 +184,10 @@ class SyncOps:
         """Start the collectives of compressed sends (fp16: sum; int8: allgather)."""
         raise NotImplementedError
 
-    def compressed_finish(self, handle: Any) -> tuple[list, float]:
-        """Wait; returns per bucket a buffer laid out as a summed one (``[delta sum or mean |
-        control sums | guard]``) and the scale that turns it into the mean delta."""
+    def compressed_finish(self, handle: Any) -> list:
+        """Wait; returns per bucket a buffer laid out as a summed one: ``[delta | control sums |
+        guard]``, the delta summed (fp16) or already the mean (int8; the pipeline's
+        ``_delta_scale`` turns either into the mean)."""
         raise NotImplementedError
 
     def unpack_delta_average(self, buf: Any, tensors: list, anchors: list, scale: float,

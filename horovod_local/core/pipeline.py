@@ -364,7 +364,7 @@ class RoundPipeline:
     def _finish(self, handle: Any) -> list:
         if self.config.compression is None:
             return self.ops.allreduce_finish(handle)
-        return self.ops.compressed_finish(handle)[0]
+        return self.ops.compressed_finish(handle)
 
     @property
     def _delta_scale(self) -> float:
@@ -401,8 +401,9 @@ class RoundPipeline:
         control = (joined, mine, 1.0 if explicit else 0.0)
         wire = [ops.compress(mode, b, control) for b in buckets]
         nbytes = sum(ops.nbytes(w) for w in wire)
-        summed, scale = ops.compressed_finish(
+        summed = ops.compressed_finish(
             ops.compressed_start(mode, buckets, wire, "sync round", step))
+        scale = self._delta_scale
         sums = self._control_sums(buckets, summed)
         self._round_checks(buckets, sums, mine, m, explicit)
         self.verify_finite(buckets, summed, step, "sync")  # 'raise' (config refuses skip)

@@ -270,7 +270,7 @@ class TFOps(SyncOps):
         self._gate = []
         n = self.size()
         if mode == "fp16":
-            return list(outs), 1.0 / n
+            return list(outs)
         summed = []
         for b, g in zip(buckets, outs):
             acc = _acc(b.dtype)
@@ -286,7 +286,7 @@ class TFOps(SyncOps):
                                   tf.float32)
                 pieces.append(tf.cast(tf.reduce_sum(tf.cast(ctrl, tf.float64), axis=0), acc))
             summed.append(pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=0))
-        return summed, 1.0
+        return summed
 
     def _gated(self) -> list:
         """The current round's check tokens that can gate a write here (same graph)."""
