@@ -451,6 +451,28 @@ def test_nonfinite_skip_restores_last_good_average_and_continues(n, controller):
 
 
 @pytest.mark.parametrize("n,controller", _reliability_cases())
+def test_different_start_fails_on_every_rank(n, controller):
+    """Compression's common point c and SlowMo's x0 are taken from each rank's variables: ranks
+    that were not broadcast fail at the first sync round, on every rank, naming the ranks and
+    the fix (before, each kept its own model silently); a lazily built model broadcast after
+    the first batch by the callback (its anchors with it) trains on to one model."""
+    ranks = [job(n, controller)[r]["reliability"] for r in range(n)]
+    others = ", ".join(str(r) for r in range(1, n))
+    for r, got in enumerate(ranks):
+        for key, user in (("start_int8", "compression (the common point c)"),
+                          ("start_lazy_slowmo", "SlowMo (the slow model x0)")):
+            err = got[key]["error"]
+            assert err.startswith("InvalidArgumentError"), f"rank {r} {key}: {err}"
+            assert (f"the variables differ between ranks at the first sync round (rank(s) "
+                    f"[{others}] vs the first), but {user} starts from them") in err, err
+            assert "BroadcastGlobalVariablesCallback(0)" in err, err
+        ok = got["start_lazy_slowmo_broadcast"]
+        assert ok["error"] == "no error", f"rank {r}: {ok['error']}"
+        for name, v in ok["params"].items():
+            np.testing.assert_array_equal(v, ranks[0]["start_lazy_slowmo_broadcast"]["params"][name])
+
+
+@pytest.mark.parametrize("n,controller", _reliability_cases())
 def test_average_parameters_alone_fails_on_every_rank(n, controller):
     """Some ranks call average_parameters() while rank 1 is in its scheduled sync: the round
     carries the explicit-round flag, so every rank fails naming it (not a silent average)."""

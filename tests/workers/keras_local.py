@@ -503,6 +503,35 @@ def _average_parameters_alone(rank: int) -> str:
     return _error(run)
 
 
+def _different_start(rank: int, broadcast: bool, lazy: bool, spec: dict) -> dict:
+    """Ranks start from different variables (rank-dependent values, or a lazily built model's
+    own random initialisation), with anchors x0 / c taken from them (``spec``): without a
+    broadcast the first sync round fails on every rank; with the broadcast callback (after the
+    first batch for a lazy model, as Horovod's) training goes on. Returns the error and the
+    variables after ``average_parameters()``."""
+    keras = _keras()
+    from horovod_local.tensorflow import keras as hlk
+
+    if lazy:  # built in the first traced train step, each rank from its own random init
+        dense = keras.layers.Dense(fixtures.OUT_FEATURES, dtype="float64", name="linear",
+                                   kernel_initializer=keras.initializers.RandomNormal(seed=rank))
+        model = keras.Sequential([dense])
+    else:
+        model, dense = make_model(perturb=0.01 * rank)
+    opt = make_optimizer(dict(spec, schedule={"kind": "constant", "period": 4}))
+    model.compile(optimizer=opt, loss=loss_fn, jit_compile=False)
+    x, y = data(rank, 9)
+    callbacks = [hlk.BroadcastGlobalVariablesCallback(0)] if broadcast else []
+
+    def run():
+        model.fit(x, y, batch_size=fixtures.BATCH, epochs=1, shuffle=False, verbose=0,
+                  callbacks=callbacks)
+        opt.average_parameters()
+
+    err = _error(run)
+    return {"error": err, "params": params_of(dense) if dense.built else {}}
+
+
 def run_reliability(cfg: dict, rank: int) -> dict:
     """Mismatched replicas, NaN at a sync or a warm-up allreduce (raise / skip),
     ``average_parameters()`` on some ranks only."""
@@ -527,6 +556,17 @@ def run_reliability(cfg: dict, rank: int) -> dict:
                                   nan_rank=1, nan_step=2, record=(1, 2))
     keras.backend.clear_session()
     out["average_parameters_alone"] = _average_parameters_alone(rank)
+    keras.backend.clear_session()
+    sgd = {"name": "sgd", "lr": 0.05}
+    out["start_int8"] = _different_start(rank, False, False, dict(inner=sgd, compression="int8"))
+    keras.backend.clear_session()
+    out["start_lazy_slowmo"] = _different_start(
+        rank, False, True, dict(inner=sgd, algorithm={"name": "slowmo", "alpha": 1.0,
+                                                      "beta": 0.5}))
+    keras.backend.clear_session()
+    out["start_lazy_slowmo_broadcast"] = _different_start(
+        rank, True, True, dict(inner=sgd, compression="fp16",
+                               algorithm={"name": "slowmo", "alpha": 1.0, "beta": 0.5}))
     return out
 
 

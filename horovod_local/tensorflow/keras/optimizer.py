@@ -664,6 +664,43 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         self._hl_anchors_set.assign(1)
         return tf.constant(0, tf.int64)
 
+    def _hl_check_same_start(self):
+        """At the first global round: the anchors (x0, or compression's common point c) were
+        taken from each rank's own variables, so they must be equal on every rank, or SlowMo /
+        the outer optimizer / compression would keep different models silently. Not at the
+        first local step: a lazily built model is broadcast after the first batch (the
+        broadcast callback, as Horovod's), and the broadcast covers the anchors. One small
+        allgather of two integer checksums of the anchors' bits (integer sums do not depend on
+        the reduction order, so equal anchors give equal sums on any device); then
+        ``hl_anchors_set = 2``."""
+        import horovod.tensorflow as hvd
+
+        s1 = s2 = tf.constant(0, tf.int64)
+        for a in self._hl_anchors:
+            bits = tf.cast(tf.reshape(tf.bitcast(tf.convert_to_tensor(a), tf.int32), [-1]),
+                           tf.int64)
+            s1 += tf.reduce_sum(bits)
+            s2 += tf.reduce_sum(tf.bitwise.bitwise_and(bits, 0xFFFF)
+                                * tf.bitwise.right_shift(bits, 16))
+        everyone = hvd.allgather(tf.stack([s1, s2])[None], name="horovod_local.same_start",
+                                 process_set=self._hl_ps(), ignore_name_scope=True)
+        same = tf.reduce_all(tf.equal(everyone, everyone[:1]), axis=1)
+        differ = tf.strings.reduce_join(
+            tf.strings.as_string(tf.where(tf.logical_not(same))[:, 0]), separator=", ")
+        cfg = self._hl_config
+        user = ("compression (the common point c)" if cfg.compression else
+                "SlowMo (the slow model x0)" if cfg.algorithm == "slowmo" else
+                "the outer optimizer (the anchor x0)")
+        message = tf.strings.join([
+            "horovod_local: the variables differ between ranks at the first sync round "
+            "(rank(s) [", differ, "] vs the first), but ", user, " starts from them on every "
+            "rank. Broadcast them before training: hlk.BroadcastGlobalVariablesCallback(0) "
+            "first in model.fit's callbacks, or hvd.broadcast_variables(model.variables, "
+            "root_rank=0)"])
+        with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(same), [message])]):
+            self._hl_anchors_set.assign(2)
+        return tf.constant(0, tf.int64)
+
     # ---- the sync round --------------------------------------------------------------------
     def _hl_pipeline(self) -> RoundPipeline:
         pipe = self._hl_fns.get("pipeline")
@@ -703,17 +740,23 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         ``explicit``: an ``average_parameters()`` round (every rank that has not joined must be
         in one: a rank calling it alone fails on every rank instead of meeting a scheduled
         round)."""
+        checked = []
         if self._hl_anchors is not None:
             tf.cond(self._hl_anchors_set < 1, self._hl_init_anchors,
                     lambda: tf.constant(0, tf.int64))
+            if self._hl_size() > 1:  # (the round waits for it: no collective after a failure)
+                checked.append(tf.cond(self._hl_anchors_set < 2, self._hl_check_same_start,
+                                       lambda: tf.constant(0, tf.int64)))
         if self._hl_last_good is not None:  # average_parameters() before any local step
             tf.cond(self._hl_good_set < 1, self._hl_remember_good,
                     lambda: tf.constant(0, tf.int64))
         pipe = self._hl_pipeline()
-        result = (pipe.compressed_round if self._hl_config.compression else pipe.sync_round)(
-            self._hl_slots(lr), joined=joined,
-            step=tf.convert_to_tensor(_compat.iterations(self)), lr=lr,
-            schedule=_GraphScheduleHook(self), explicit=explicit)
+        with tf.control_dependencies(checked):
+            result = (pipe.compressed_round if self._hl_config.compression
+                      else pipe.sync_round)(
+                self._hl_slots(lr), joined=joined,
+                step=tf.convert_to_tensor(_compat.iterations(self)), lr=lr,
+                schedule=_GraphScheduleHook(self), explicit=explicit)
         self._hl_round_start.assign(tf.timestamp())
         if self._hl_local_round_steps is not None:  # a global round is a round of either level
             self._hl_local_round_steps.assign(0)
