@@ -21,35 +21,13 @@ import pytest
 import torch
 
 from horovod_local.torch import _kernels as K
+from kernel_backends import _CPP, _CPP_ERROR, DEVICES, HAS_CUDA, REQUIRE_EXT, cpp_backend
 
-REQUIRE_EXT = os.environ.get("HOROVOD_LOCAL_REQUIRE_EXT", "0") not in ("", "0")
-HAS_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 FNS = ["pack", "unpack_average", "unpack_average_deviation", "unpack_slowmo",
        "unpack_pseudo_grad", "unpack_adaalter"]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA,
-                                                                 reason="no CUDA device"))]
 SCALE = 1.0 / 3.0
 ALPHA, BETA = 0.9, 0.7
-
-
-# The extension, also when HOROVOD_LOCAL_BACKEND=python made the fallback the default.
-_CPP, _CPP_ERROR = (K._cpp, "") if K._cpp is not None else K._load_extension()
-
-
-def cpp_backend(device: str = "cpu"):
-    """The extension backend for `device`, or skip (fail under HOROVOD_LOCAL_REQUIRE_EXT=1)."""
-    if _CPP is None:
-        msg = f"extension horovod_local._C not importable ({_CPP_ERROR})"
-        if REQUIRE_EXT:
-            pytest.fail(msg + " but HOROVOD_LOCAL_REQUIRE_EXT=1")
-        pytest.skip(msg)
-    if device == "cuda" and not _CPP.with_cuda:
-        msg = "horovod_local._C was built without CUDA kernels"
-        if REQUIRE_EXT:
-            pytest.fail(msg + " but HOROVOD_LOCAL_REQUIRE_EXT=1 and a GPU is present")
-        pytest.skip(msg)
-    return _CPP
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ Extension comparisons skip when the extension is not built, unless HOROVOD_LOCAL
 from __future__ import annotations
 
 import math
-import os
 import re
 import zlib
 
@@ -26,38 +25,15 @@ import pytest
 import torch
 
 from horovod_local.torch import _kernels as K
+from kernel_backends import DEVICES, HAS_CUDA, backend, cpp_backend
 
-REQUIRE_EXT = os.environ.get("HOROVOD_LOCAL_REQUIRE_EXT", "0") not in ("", "0")
-HAS_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA,
-                                                                 reason="no CUDA device"))]
 OPS = ["overlap_average_pack", "carry_pack", "pack_delta_fp16", "quantize_int8",
        "dequantize_int8_mean", "unpack_delta_average_f16", "unpack_delta_average_acc",
        "overlap_delta_pack_fp16"]
 SIZES = [0, 1, 255, 256, 257, 1000]
 SCALE = 1.0 / 3.0
 B = K.INT8_BLOCK
-
-_CPP, _CPP_ERROR = (K._cpp, "") if K._cpp is not None else K._load_extension()
-
-
-def cpp_backend(device: str = "cpu"):
-    if _CPP is None:
-        msg = f"extension horovod_local._C not importable ({_CPP_ERROR})"
-        if REQUIRE_EXT:
-            pytest.fail(msg + " but HOROVOD_LOCAL_REQUIRE_EXT=1")
-        pytest.skip(msg)
-    if device == "cuda" and not _CPP.with_cuda:
-        msg = "horovod_local._C was built without CUDA kernels"
-        if REQUIRE_EXT:
-            pytest.fail(msg + " but HOROVOD_LOCAL_REQUIRE_EXT=1 and a GPU is present")
-        pytest.skip(msg)
-    return _CPP
-
-
-def backend(name: str, device: str = "cpu"):
-    return cpp_backend(device) if name == "cpp" else K._python
 
 
 # ---------------------------------------------------------------------------------------------
