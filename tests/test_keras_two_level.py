@@ -15,6 +15,9 @@ Configs (docs/SEMANTICS.md, "Two-level averaging"):
 * Adam with ``state_policy='average'``, ``local_period=2``, ``period=5``: local rounds that do
   not line up with the global ones (the global round resets the local count), Adam's m and v
   averaged at both levels; ends mid-round (every rank differs).
+* SGD momentum, ``local_period=2``, ``period=4``, ``compression='int8'``: the global rounds
+  send int8 deltas from the common point (by allgather over all ranks), the local rounds plain
+  float64 averages within the group (docs/SEMANTICS.md, "Compressed syncs" with two levels).
 
 Tolerance as in tests/test_frontends_agree.py (float64: ``1e-12`` of the tensor's scale; the
 front ends evaluate the same formulas in different orders, measured ~1e-15) and
@@ -56,6 +59,8 @@ CONFIGS = [
          local_period=1, steps=30),
     dict(id="two_level_adam_average_L2_H5", inner=ADAM, schedule=const(5),
          state_policy="average", local_period=2, steps=33),
+    dict(id="two_level_int8_sgdm_L2_H4", inner=SGD_M, schedule=const(4), local_period=2,
+         compression="int8", steps=30),
     dict(id="two_level_slowmo_L2_H4_uneven_join", inner=SGD_M, schedule=const(4),
          state_policy="reset", algorithm={"name": "slowmo", "alpha": 1.0, "beta": 0.7},
          local_period=2, steps=[23, 18, 21, 26], join=True),
@@ -190,7 +195,8 @@ def test_groups_and_levels(controller):
 @pytest.mark.parametrize("controller,cfg", _cases())
 def test_keras_matches_reference(controller, cfg):
     kj = keras_job(controller)
-    kw = {k: cfg[k] for k in ("warmup_steps", "state_policy", "algorithm", "join") if k in cfg}
+    kw = {k: cfg[k] for k in ("warmup_steps", "state_policy", "algorithm", "join",
+                              "compression") if k in cfg}
     ref = simulate(N, cfg["steps"], inner=cfg["inner"], schedule=cfg["schedule"],
                    groups=cfg["groups"], local_period=cfg["local_period"], **kw)
     worst = 0.0
@@ -199,6 +205,12 @@ def test_keras_matches_reference(controller, cfg):
         worst = max(worst, _assert_close(got["params"], ref["params"][r], RTOL_REF,
                                          f"{cfg['id']} {controller} rank {r} keras vs reference"))
         assert got["stats"]["syncs"] == ref["syncs"]
+    if cfg.get("compression"):  # not vacuous: the same run without compression differs
+        kw.pop("compression")
+        plain = simulate(N, cfg["steps"], inner=cfg["inner"], schedule=cfg["schedule"],
+                         groups=cfg["groups"], local_period=cfg["local_period"], **kw)
+        assert max(_scaled_diff(plain["params"][0][k], ref["params"][0][k])
+                   for k in ref["params"][0]) > 1e-6
     print(f"\n{cfg['id']} {controller}: max|keras - reference| / max|reference| = {worst:.3g}")
 
 
