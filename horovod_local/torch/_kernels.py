@@ -181,6 +181,21 @@ def _check_len(fn: str, arg: str, got: int, want: int, ref: str = "params") -> N
         raise ValueError(f"horovod_local.{fn}: {arg} has {got} entries but {ref} has {want}")
 
 
+def _checked_lists(fn: str, buf, offset: int, half: bool = False, **named) -> list:
+    """The list arguments ``named`` (in argument order, one of them ``params``) of an op over
+    ``buf``, as lists, after the extension's checks in its order: each is a list, ``buf`` (with
+    ``half``: float16), then every other list has one entry per param."""
+    lists = [_as_list(fn, name, v) for name, v in named.items()]
+    _check_buf(fn, buf, offset)
+    if half:
+        _check_half_buf(fn, buf)
+    n = len(lists[list(named).index("params")])
+    for name, ts in zip(named, lists):
+        if name != "params":
+            _check_len(fn, name, len(ts), n)
+    return lists
+
+
 def _check_aligned(fn: str, buf: torch.Tensor, params: list, pdt, lists, sdt,
                    pnote: Optional[str] = None, snote: Optional[str] = None,
                    bufname: str = "buf") -> None:
@@ -320,12 +335,8 @@ class _PythonBackend:
     @torch.no_grad()
     def unpack_pseudo_grad(buf, params, anchors, grads, scale, offset=0):
         fn = "unpack_pseudo_grad"
-        params = _as_list(fn, "params", params)
-        anchors = _as_list(fn, "anchors", anchors)
-        grads = _as_list(fn, "grads", grads)
-        _check_buf(fn, buf, offset)
-        _check_len(fn, "anchors", len(anchors), len(params))
-        _check_len(fn, "grads", len(grads), len(params))
+        params, anchors, grads = _checked_lists(fn, buf, offset, params=params,
+                                                anchors=anchors, grads=grads)
         sdt = state_dtype(buf.dtype)
         _check_aligned(fn, buf, params, buf.dtype, (("anchors", anchors), ("grads", grads)), sdt)
         _check_capacity(fn, buf, offset, sum(p.numel() for p in params))
@@ -368,10 +379,7 @@ class _PythonBackend:
     @torch.no_grad()
     def overlap_average_pack(buf, params, sent, scale, offset=0):
         fn = "overlap_average_pack"
-        params = _as_list(fn, "params", params)
-        sent = _as_list(fn, "sent", sent)
-        _check_buf(fn, buf, offset)
-        _check_len(fn, "sent", len(sent), len(params))
+        params, sent = _checked_lists(fn, buf, offset, params=params, sent=sent)
         sdt = state_dtype(buf.dtype)
         _check_aligned(fn, buf, params, buf.dtype, (("sent", sent),), sdt)
         total = _total(params)
@@ -391,12 +399,8 @@ class _PythonBackend:
     @torch.no_grad()
     def carry_pack(bases, params, sent, buf, offset=0):
         fn = "carry_pack"
-        bases = _as_list(fn, "bases", bases)
-        params = _as_list(fn, "params", params)
-        sent = _as_list(fn, "sent", sent)
-        _check_buf(fn, buf, offset)
-        _check_len(fn, "bases", len(bases), len(params))
-        _check_len(fn, "sent", len(sent), len(params))
+        bases, params, sent = _checked_lists(fn, buf, offset, bases=bases, params=params,
+                                             sent=sent)
         sdt = state_dtype(buf.dtype)
         _check_aligned(fn, buf, params, buf.dtype, (("bases", bases), ("sent", sent)), sdt)
         total = _total(params)
@@ -414,13 +418,8 @@ class _PythonBackend:
     @torch.no_grad()
     def pack_delta_fp16(params, anchors, residuals, buf, offset=0):
         fn = "pack_delta_fp16"
-        params = _as_list(fn, "params", params)
-        anchors = _as_list(fn, "anchors", anchors)
-        residuals = _as_list(fn, "residuals", residuals)
-        _check_buf(fn, buf, offset)
-        _check_half_buf(fn, buf)
-        _check_len(fn, "anchors", len(anchors), len(params))
-        _check_len(fn, "residuals", len(residuals), len(params))
+        params, anchors, residuals = _checked_lists(fn, buf, offset, half=True, params=params,
+                                                    anchors=anchors, residuals=residuals)
         pdt = _params_dtype(fn, params)
         sdt = state_dtype(pdt) if pdt is not None else None
         _check_aligned(fn, buf, params, pdt, (("anchors", anchors), ("residuals", residuals)),
@@ -554,10 +553,7 @@ class _PythonBackend:
     @torch.no_grad()
     def unpack_delta_average(buf, params, anchors, scale, offset=0):
         fn = "unpack_delta_average"
-        params = _as_list(fn, "params", params)
-        anchors = _as_list(fn, "anchors", anchors)
-        _check_buf(fn, buf, offset)
-        _check_len(fn, "anchors", len(anchors), len(params))
+        params, anchors = _checked_lists(fn, buf, offset, params=params, anchors=anchors)
         pdt = _params_dtype(fn, params)
         sdt = state_dtype(pdt) if pdt is not None else None
         if pdt is not None and buf.dtype not in (torch.float16, sdt):
@@ -580,15 +576,9 @@ class _PythonBackend:
     @torch.no_grad()
     def overlap_delta_pack_fp16(buf, params, anchors, sent, residuals, scale, offset=0):
         fn = "overlap_delta_pack_fp16"
-        params = _as_list(fn, "params", params)
-        anchors = _as_list(fn, "anchors", anchors)
-        sent = _as_list(fn, "sent", sent)
-        residuals = _as_list(fn, "residuals", residuals)
-        _check_buf(fn, buf, offset)
-        _check_half_buf(fn, buf)
-        _check_len(fn, "anchors", len(anchors), len(params))
-        _check_len(fn, "sent", len(sent), len(params))
-        _check_len(fn, "residuals", len(residuals), len(params))
+        params, anchors, sent, residuals = _checked_lists(
+            fn, buf, offset, half=True, params=params, anchors=anchors, sent=sent,
+            residuals=residuals)
         pdt = _params_dtype(fn, params)
         sdt = state_dtype(pdt) if pdt is not None else None
         _check_aligned(fn, buf, params, pdt,
