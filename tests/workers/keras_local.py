@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 import fixtures  # noqa: E402
-from _common import load_payload, main_guard, save_result  # noqa: E402
+from _common import group_set, init_horovod, load_payload, main_guard, save_result  # noqa: E402
 
 
 def _keras():
@@ -112,7 +112,9 @@ def make_optimizer(cfg: dict):
         kw["compression"] = cfg["compression"]
     if cfg.get("local_period") is not None:
         kw["local_period"] = cfg["local_period"]
-        kw["local_process_set"] = _GROUP_SETS.get(cfg.get("groups") and _my_group(cfg["groups"]))
+        import horovod.tensorflow as hvd
+
+        kw["local_process_set"] = group_set(_GROUP_SETS, hvd, cfg.get("groups"))
     alg = cfg.get("algorithm") or {"name": "local_sgd"}
     if alg["name"] == "slowmo":
         kw.update(algorithm="slowmo", slowmo_lr=alg["alpha"], slowmo_momentum=alg["beta"])
@@ -129,10 +131,6 @@ def make_optimizer(cfg: dict):
 _GROUP_SETS: dict = {}  # two-level groups (tuple of ranks) -> Horovod process set
 
 
-def _my_group(groups) -> tuple:
-    import horovod.tensorflow as hvd
-
-    return next(tuple(g) for g in groups if hvd.rank() in g)
 
 
 class Recorder:
@@ -680,12 +678,7 @@ def main():
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(2)
-    groups = sorted({tuple(g) for cfg in configs for g in (cfg.get("groups") or [])})
-    if groups:  # explicit two-level groups: registered at init, as a user would
-        _GROUP_SETS.update({g: hvd.ProcessSet(list(g)) for g in groups})
-        hvd.init(process_sets=list(_GROUP_SETS.values()))
-    else:
-        hvd.init(process_sets="dynamic" if os.environ.get("HL_DYNAMIC") else None)
+    _GROUP_SETS.update(init_horovod(hvd, configs))
     keras = _keras()
     keras.config.set_floatx("float64")
     rank = hvd.rank()
@@ -715,7 +708,7 @@ def main():
         timings[cfg["id"]] = time.perf_counter() - t0
         keras.backend.clear_session()
     results["_timings"] = timings
-    if groups:
+    if _GROUP_SETS:
         # A group's last local rounds may still be running when the other group is done, and
         # a rank's exit shuts Horovod down on every rank (the others' next collective fails):
         # meet once more before leaving.

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import fixtures  # noqa: E402
-from _common import load_payload, main_guard, save_result  # noqa: E402
+from _common import load_payload, main_guard, save_result, wait_for_host_change  # noqa: E402
 from torch_local import Linear  # noqa: E402
 
 WAIT_ROUNDS = 300  # commits 0.2 s apart while waiting for Horovod to report a change
@@ -48,12 +48,6 @@ def main() -> None:
                                                         momentum=0.9),
                                         model.named_parameters(), period=4)
     state = hlt.LocalTorchState(model, opt, step=0)
-
-    def wait_for_change() -> None:
-        for _ in range(WAIT_ROUNDS):
-            state.commit()  # raises HostsUpdatedInterrupt on every rank once Horovod saw it
-            time.sleep(0.2)
-        raise RuntimeError(f"Horovod reported no host change within {WAIT_ROUNDS} commits")
 
     @hvd.elastic.run
     def train(state) -> None:
@@ -86,7 +80,7 @@ def main() -> None:
                     with open(tmp, "w") as f:
                         f.write(change["hosts"])
                     os.replace(tmp, payload["hosts_file"])
-                wait_for_change()
+                wait_for_host_change(state, WAIT_ROUNDS)
             state.commit()
 
     train(state)

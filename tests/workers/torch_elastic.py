@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -22,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import fixtures  # noqa: E402
-from _common import load_payload, main_guard, save_result  # noqa: E402
+from _common import load_payload, main_guard, save_result, wait_for_host_change  # noqa: E402
 from torch_local import Linear  # noqa: E402
 
 PERIOD = {"local_sgd": 4, "slowmo": 3}
@@ -106,12 +105,6 @@ def main() -> None:
             (0.5 * ((model(x) - y) ** 2).sum() / x.shape[0]).backward()
             opts[name].step()
 
-    def wait_for_change() -> None:
-        for _ in range(WAIT_ROUNDS):
-            state.commit()  # raises HostsUpdatedInterrupt on every rank once Horovod saw it
-            time.sleep(0.2)
-        raise RuntimeError(f"Horovod reported no host change within {WAIT_ROUNDS} commits")
-
     @hvd.elastic.run
     def train(state) -> None:
         # what sync() left: every rank equal, a fresh round, anchors = parameters
@@ -137,7 +130,7 @@ def main() -> None:
                 if hvd.rank() == 0:
                     with open(payload["hosts_file"], "w") as f:
                         f.write(change["hosts"])
-                wait_for_change()
+                wait_for_host_change(state, WAIT_ROUNDS)
             state.commit()
             log["committed"][t] = np.concatenate([flat(o._hl_params()) for o in opts.values()])
             if t == payload.get("restore_check_at"):

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 import fixtures  # noqa: E402
-from _common import load_payload, main_guard, save_result  # noqa: E402
+from _common import group_set, init_horovod, load_payload, main_guard, save_result  # noqa: E402
 
 
 class Linear(torch.nn.Module):
@@ -55,7 +55,9 @@ def wrapper_kwargs(cfg: dict) -> dict:
         kw["compression"] = cfg["compression"]
     if cfg.get("local_period") is not None:
         kw["local_period"] = cfg["local_period"]
-        kw["local_process_set"] = _GROUP_SETS.get(cfg.get("groups") and _my_group(cfg["groups"]))
+        import horovod.torch as hvd
+
+        kw["local_process_set"] = group_set(_GROUP_SETS, hvd, cfg.get("groups"))
     alg = cfg.get("algorithm") or {"name": "local_sgd"}
     if alg["name"] == "slowmo":
         kw.update(algorithm="slowmo", slowmo_lr=alg["alpha"], slowmo_momentum=alg["beta"])
@@ -68,10 +70,6 @@ def wrapper_kwargs(cfg: dict) -> dict:
 _GROUP_SETS: dict = {}  # two-level groups (tuple of ranks) -> Horovod process set
 
 
-def _my_group(groups) -> tuple:
-    import horovod.torch as hvd
-
-    return next(tuple(g) for g in groups if hvd.rank() in g)
 
 
 def _build(cfg: dict):
@@ -176,12 +174,7 @@ def main():
     import horovod.torch as hvd
 
     out_dir, configs = load_payload()
-    groups = sorted({tuple(g) for cfg in configs for g in (cfg.get("groups") or [])})
-    if groups:  # explicit two-level groups: registered at init, as a user would
-        _GROUP_SETS.update({g: hvd.ProcessSet(list(g)) for g in groups})
-        hvd.init(process_sets=list(_GROUP_SETS.values()))
-    else:
-        hvd.init(process_sets="dynamic" if os.environ.get("HL_DYNAMIC") else None)
+    _GROUP_SETS.update(init_horovod(hvd, configs))
     torch.set_default_dtype(torch.float64)
     results = {cfg["id"]: run_config(cfg) for cfg in configs}
     # a rank that exits shuts Horovod down everywhere: wait until every rank is done (a group
