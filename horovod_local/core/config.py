@@ -143,6 +143,13 @@ class SyncConfig:
         return self.algorithm == "slowmo" or self.has_outer or self.compression is not None
 
     @property
+    def anchors_role(self) -> str:
+        """What the anchors are, for messages (the ranks' same-start check)."""
+        return ("compression (the common point c)" if self.compression else
+                "SlowMo (the slow model x0)" if self.algorithm == "slowmo" else
+                "the outer optimizer (the anchor x0)")
+
+    @property
     def needs_deviation(self) -> bool:
         return bool(self.schedule.needs_deviation)
 

@@ -337,15 +337,9 @@ class _DistributedLocalOptimizer(torch.optim.Optimizer):
         if differ:
             raise ValueError(
                 f"horovod_local: the parameters differ between ranks at the first local step "
-                f"(rank(s) {differ} vs the first), but {self._hl_anchor_user()} starts from "
+                f"(rank(s) {differ} vs the first), but {self._hl_config.anchors_role} starts from "
                 f"them on every rank. Broadcast them before training: "
                 f"hvd.broadcast_parameters(model.state_dict(), root_rank=0)")
-
-    def _hl_anchor_user(self) -> str:
-        cfg = self._hl_config
-        return ("compression (the common point c)" if cfg.compression else
-                "SlowMo (the slow model x0)" if cfg.algorithm == "slowmo" else
-                "the outer optimizer (the anchor x0)")
 
     @torch.no_grad()
     def _hl_make_anchors(self) -> None:

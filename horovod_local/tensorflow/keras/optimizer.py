@@ -687,13 +687,10 @@ class DistributedLocalOptimizer(keras.optimizers.Optimizer):
         same = tf.reduce_all(tf.equal(everyone, everyone[:1]), axis=1)
         differ = tf.strings.reduce_join(
             tf.strings.as_string(tf.where(tf.logical_not(same))[:, 0]), separator=", ")
-        cfg = self._hl_config
-        user = ("compression (the common point c)" if cfg.compression else
-                "SlowMo (the slow model x0)" if cfg.algorithm == "slowmo" else
-                "the outer optimizer (the anchor x0)")
         message = tf.strings.join([
             "horovod_local: the variables differ between ranks at the first sync round "
-            "(rank(s) [", differ, "] vs the first), but ", user, " starts from them on every "
+            "(rank(s) [", differ, "] vs the first), but ", self._hl_config.anchors_role,
+            " starts from them on every "
             "rank. Broadcast them before training: hlk.BroadcastGlobalVariablesCallback(0) "
             "first in model.fit's callbacks, or hvd.broadcast_variables(model.variables, "
             "root_rank=0)"])
